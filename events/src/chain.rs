@@ -1,0 +1,765 @@
+//! Canonical encoding and the hash chain that make the event log tamper-evident.
+//!
+//! Each stored event gets `leaf_hash = SHA-256(0x00 ‖ canonical bytes of the row)` and
+//! `entry_hash = SHA-256(prev_entry_hash ‖ leaf_hash)`, the first event chaining from
+//! [`GENESIS_HASH`]. Editing, inserting, deleting or reordering any row changes every later entry
+//! hash. [`merkle_root`] folds the same leaf hashes into an RFC 9162 tree head for checkpoints.
+//!
+//! The canonical bytes are RFC 8785 (JCS) JSON of the row *as stored*: Postgres `jsonb` drops
+//! whitespace, reorders keys and may renormalise numbers, so hashing the bytes we sent would not
+//! verify against the bytes we read back. Hashing the canonical form of the parsed value does.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Number, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// The previous entry hash of the first event.
+pub const GENESIS_HASH: [u8; 32] = [0; 32];
+
+/// RFC 9162 domain separation: a leaf hash can never equal an interior node hash.
+const LEAF_PREFIX: u8 = 0x00;
+const NODE_PREFIX: u8 = 0x01;
+
+/// RFC 8785 (JCS) canonical JSON: object keys sorted by UTF-16 code units, no whitespace, strings escaped as JCS requires
+/// (only \" \\ \b \f \n \r \t and \u00XX lowercase for other control chars; everything else literal UTF-8),
+/// numbers: integers as plain decimal; non-integer numbers use the ECMAScript shortest round-trip form.
+///
+/// One deliberate deviation: JCS treats every number as an IEEE-754 double, so an integer beyond
+/// ±2^53 would be rounded. Such integers are written exactly instead, because rounding would let
+/// two different amounts hash the same. Within ±2^53 (every integer our payloads carry) the output
+/// is identical to JCS. Floats follow JCS exactly, including `-0` → `0` and the exponent rules.
+/// Keep floats out of hashed payloads all the same: serde_json (without its `float_roundtrip`
+/// feature) may parse a decimal one ulp off, so a float written and read back can hash differently.
+///
+/// Nesting is handled by recursion; values parsed by `serde_json` are at most 128 levels deep.
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_value(&mut out, value);
+    out
+}
+
+/// The columns of a stored event row that the leaf hash covers.
+#[derive(Clone, Copy, Debug)]
+pub struct HashedRow<'a> {
+    pub global_position: i64,
+    pub event_id: Uuid,
+    pub stream_id: &'a str,
+    pub stream_version: i64,
+    pub event_type: &'a str,
+    pub schema_version: i32,
+    pub payload: &'a Value,
+    pub metadata: &'a Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Canonical bytes of the row as a JSON object with the [`HashedRow`] field names as keys.
+///
+/// `recorded_at` is RFC 3339 UTC with exactly 6 fractional digits and `Z`; anything below a
+/// microsecond is truncated because Postgres `timestamptz` does not store it, and a row must hash
+/// the same before insert and after read-back. `event_id` is the lowercase hyphenated uuid.
+pub fn row_bytes(row: &HashedRow<'_>) -> Vec<u8> {
+    let global_position = Value::from(row.global_position);
+    let event_id = Value::String(row.event_id.hyphenated().to_string());
+    let stream_id = Value::from(row.stream_id);
+    let stream_version = Value::from(row.stream_version);
+    let event_type = Value::from(row.event_type);
+    let schema_version = Value::from(row.schema_version);
+    let recorded_at = Value::String(row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true));
+    let members = [
+        ("global_position", &global_position),
+        ("event_id", &event_id),
+        ("stream_id", &stream_id),
+        ("stream_version", &stream_version),
+        ("event_type", &event_type),
+        ("schema_version", &schema_version),
+        ("payload", row.payload),
+        ("metadata", row.metadata),
+        ("recorded_at", &recorded_at),
+    ];
+    let mut out = Vec::new();
+    write_object(
+        &mut out,
+        members.iter().map(|&(k, v)| (Cow::Borrowed(k), v)),
+    );
+    out
+}
+
+pub fn leaf_hash(row: &HashedRow<'_>) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update([LEAF_PREFIX]);
+    hasher.update(row_bytes(row));
+    hasher.finalize().into()
+}
+
+pub fn entry_hash(prev_entry_hash: &[u8; 32], leaf_hash: &[u8; 32]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update(prev_entry_hash);
+    hasher.update(leaf_hash);
+    hasher.finalize().into()
+}
+
+/// RFC 9162 Merkle tree hash over leaf hashes (MTH with 0x01 interior prefix), for signed checkpoints later.
+///
+/// The leaves are already `SHA-256(0x00 ‖ data)`, so a one-leaf tree's root is that leaf. The
+/// empty tree's root is `SHA-256("")`.
+pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+    match leaves {
+        [] => Sha256::digest([]).into(),
+        [leaf] => *leaf,
+        _ => {
+            // RFC 9162 §2.1.1: split at the largest power of two strictly below n, which keeps
+            // the left subtree perfect so roots of prefixes stay provably consistent.
+            let split = leaves.len().next_power_of_two() / 2;
+            let (left, right) = leaves.split_at(split);
+            let mut hasher = Sha256::new();
+            hasher.update([NODE_PREFIX]);
+            hasher.update(merkle_root(left));
+            hasher.update(merkle_root(right));
+            hasher.finalize().into()
+        }
+    }
+}
+
+fn write_value(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(n) => write_number(out, n),
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_value(out, item);
+            }
+            out.push(b']');
+        }
+        Value::Object(map) => {
+            write_object(out, map.iter().map(|(k, v)| (Cow::Borrowed(k.as_str()), v)));
+        }
+    }
+}
+
+fn write_object<'v>(out: &mut Vec<u8>, members: impl Iterator<Item = (Cow<'v, str>, &'v Value)>) {
+    let mut members: Vec<_> = members.collect();
+    // JCS orders by UTF-16 code units, not by code points or UTF-8 bytes: they differ once a key
+    // holds characters above U+FFFF next to ones in U+E000..U+FFFF.
+    members.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+    out.push(b'{');
+    for (i, (key, value)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_string(out, key);
+        out.push(b':');
+        write_value(out, value);
+    }
+    out.push(b'}');
+}
+
+fn write_string(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    // Every byte that needs escaping is ASCII, and ASCII bytes never occur inside a multi-byte
+    // UTF-8 sequence, so a byte-wise scan copies all other characters through intact.
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x00..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0x0f)]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+fn write_number(out: &mut Vec<u8>, n: &Number) {
+    if let Some(i) = n.as_i64() {
+        out.extend_from_slice(i.to_string().as_bytes());
+    } else if let Some(u) = n.as_u64() {
+        out.extend_from_slice(u.to_string().as_bytes());
+    } else if let Some(f) = n.as_f64() {
+        out.extend_from_slice(es_number_to_string(f).as_bytes());
+    } else {
+        // Unreachable without serde_json's `arbitrary_precision`; its own text is the best
+        // deterministic fallback.
+        out.extend_from_slice(n.to_string().as_bytes());
+    }
+}
+
+/// ECMAScript `Number.prototype.toString` (ECMA-262 §6.1.6.1.20) for a finite double, which
+/// RFC 8785 §3.2.2.3 adopts for JSON numbers.
+fn es_number_to_string(x: f64) -> String {
+    if x == 0.0 {
+        // Covers -0 too: ECMAScript prints both zeros as "0".
+        return "0".to_owned();
+    }
+    if !x.is_finite() {
+        // serde_json::Number cannot hold NaN or infinities; JSON.stringify would print null.
+        return "null".to_owned();
+    }
+    let Some((digits, exponent)) = shortest_digits(x.abs()) else {
+        return format!("{x:e}");
+    };
+    // ECMAScript's value = 0.d1d2..dk × 10^n, one more than the scientific exponent.
+    let k = digits.len() as i32;
+    let n = exponent + 1;
+
+    let mut s = String::with_capacity(digits.len() + 8);
+    if x < 0.0 {
+        s.push('-');
+    }
+    if k <= n && n <= 21 {
+        s.push_str(&digits);
+        s.extend(std::iter::repeat_n('0', (n - k) as usize));
+    } else if 0 < n && n <= 21 {
+        let (int, frac) = digits.split_at(n as usize);
+        s.push_str(int);
+        s.push('.');
+        s.push_str(frac);
+    } else if -6 < n && n <= 0 {
+        s.push_str("0.");
+        s.extend(std::iter::repeat_n('0', (-n) as usize));
+        s.push_str(&digits);
+    } else {
+        let (first, rest) = digits.split_at(1);
+        s.push_str(first);
+        if !rest.is_empty() {
+            s.push('.');
+            s.push_str(rest);
+        }
+        let e = n - 1;
+        s.push('e');
+        s.push(if e < 0 { '-' } else { '+' });
+        s.push_str(&e.abs().to_string());
+    }
+    s
+}
+
+/// The shortest decimal digits that round-trip to `x` (> 0) and the scientific exponent of the
+/// first digit, chosen as ECMAScript requires.
+fn shortest_digits(x: f64) -> Option<(String, i32)> {
+    // Rust's `{:e}` gives the shortest round-tripping digits, closest to `x` among those.
+    let (digits, exponent) = split_scientific(&format!("{x:e}"))?;
+    if digits.bytes().last()? % 2 == 0 {
+        return Some((digits, exponent));
+    }
+    // When `x` lies exactly halfway between two shortest candidates, Rust picks the upper one,
+    // but ECMAScript picks the one with an even last digit (RFC 8785 Appendix B, "round to
+    // even"). That happens only if x's exact expansion is those digits followed by a single 5.
+    // 800 digits always print a double exactly (its expansion has at most 767).
+    let (exact, exact_exponent) = split_scientific(&format!("{x:.800e}"))?;
+    let exact = exact.trim_end_matches('0');
+    let (lower, tail) = exact.split_at(exact.len().checked_sub(1)?);
+    if tail != "5" || lower.len() != digits.len() {
+        return Some((digits, exponent));
+    }
+    let candidate = if lower.bytes().last()? % 2 == 0 {
+        lower.to_owned()
+    } else {
+        increment_digits(lower)?
+    };
+    let (first, rest) = candidate.split_at(1);
+    let round_trips = format!("{first}.{rest}e{exact_exponent}").parse::<f64>() == Ok(x);
+    Some(if round_trips {
+        (candidate, exact_exponent)
+    } else {
+        (digits, exponent)
+    })
+}
+
+/// Splits Rust's `{:e}` output ("d.ddde-N") into its digits without the point and the exponent.
+fn split_scientific(sci: &str) -> Option<(String, i32)> {
+    let (mantissa, exponent) = sci.split_once('e')?;
+    let digits = mantissa.chars().filter(|c| *c != '.').collect();
+    Some((digits, exponent.parse().ok()?))
+}
+
+/// Adds one unit in the last place; `None` when it would carry into a new leading digit (the
+/// result would then have a different length, so it is not a same-length candidate).
+fn increment_digits(digits: &str) -> Option<String> {
+    let mut bytes = digits.as_bytes().to_vec();
+    for b in bytes.iter_mut().rev() {
+        if *b == b'9' {
+            *b = b'0';
+        } else {
+            *b += 1;
+            return String::from_utf8(bytes).ok();
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+// A failed unwrap is a failed test; the lint guards production code paths.
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone};
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn jcs(value: &Value) -> String {
+        String::from_utf8(canonical_json(value)).unwrap()
+    }
+
+    fn float(x: f64) -> Value {
+        Value::Number(Number::from_f64(x).unwrap())
+    }
+
+    #[test]
+    fn rfc8785_sorting_example() {
+        // RFC 8785 §3.2.3: the emoji (surrogates D83D DE00) sorts before U+FB33 by UTF-16, though
+        // after it by code point.
+        let input = r#"{
+            "\u20ac": "Euro Sign",
+            "\r": "Carriage Return",
+            "\ufb33": "Hebrew Letter Dalet With Dagesh",
+            "1": "One",
+            "\ud83d\ude00": "Emoji: Grinning Face",
+            "\u0080": "Control",
+            "\u00f6": "Latin Small Letter O With Diaeresis"
+        }"#;
+        let value: Value = serde_json::from_str(input).unwrap();
+        let expected = concat!(
+            "{\"\\r\":\"Carriage Return\",",
+            "\"1\":\"One\",",
+            "\"\u{80}\":\"Control\",",
+            "\"\u{f6}\":\"Latin Small Letter O With Diaeresis\",",
+            "\"\u{20ac}\":\"Euro Sign\",",
+            "\"\u{1f600}\":\"Emoji: Grinning Face\",",
+            "\"\u{fb33}\":\"Hebrew Letter Dalet With Dagesh\"}"
+        );
+        assert_eq!(jcs(&value), expected);
+    }
+
+    #[test]
+    // The RFC's input literal is kept verbatim, excess digits included.
+    #[allow(clippy::excessive_precision)]
+    fn rfc8785_example_object() {
+        // RFC 8785 §3.2.2. Numbers are built from Rust literals (correctly rounded by the
+        // compiler) rather than parsed, so the test does not depend on serde_json's float parser.
+        let input = r#"{
+            "numbers": [0, 0, 0, 0, 0],
+            "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+            "literals": [null, true, false]
+        }"#;
+        let mut value: Value = serde_json::from_str(input).unwrap();
+        value["numbers"] = Value::Array(
+            [
+                333333333.33333329,
+                1E30,
+                4.50,
+                2e-3,
+                0.000000000000000000000000001,
+            ]
+            .into_iter()
+            .map(float)
+            .collect(),
+        );
+        let expected = r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#;
+        assert_eq!(jcs(&value), expected);
+    }
+
+    #[test]
+    fn rfc8785_appendix_b_numbers() {
+        let cases: &[(u64, &str)] = &[
+            (0x0000000000000000, "0"),
+            (0x8000000000000000, "0"),
+            (0x0000000000000001, "5e-324"),
+            (0x8000000000000001, "-5e-324"),
+            (0x7fefffffffffffff, "1.7976931348623157e+308"),
+            (0xffefffffffffffff, "-1.7976931348623157e+308"),
+            (0x4340000000000000, "9007199254740992"),
+            (0xc340000000000000, "-9007199254740992"),
+            (0x4430000000000000, "295147905179352830000"),
+            (0x44b52d02c7e14af5, "9.999999999999997e+22"),
+            (0x44b52d02c7e14af6, "1e+23"),
+            (0x44b52d02c7e14af7, "1.0000000000000001e+23"),
+            (0x444b1ae4d6e2ef4e, "999999999999999700000"),
+            (0x444b1ae4d6e2ef4f, "999999999999999900000"),
+            (0x444b1ae4d6e2ef50, "1e+21"),
+            (0x3eb0c6f7a0b5ed8c, "9.999999999999997e-7"),
+            (0x3eb0c6f7a0b5ed8d, "0.000001"),
+            (0x41b3de4355555553, "333333333.3333332"),
+            (0x41b3de4355555554, "333333333.33333325"),
+            (0x41b3de4355555555, "333333333.3333333"),
+            (0x41b3de4355555556, "333333333.3333334"),
+            (0x41b3de4355555557, "333333333.33333343"),
+            (0xbecbf647612f3696, "-0.0000033333333333333333"),
+            (0x43143ff3c1cb0959, "1424953923781206.2"),
+        ];
+        for &(bits, expected) in cases {
+            let x = f64::from_bits(bits);
+            assert_eq!(jcs(&float(x)), expected, "{bits:016x}");
+            assert_eq!(es_number_to_string(x), expected, "{bits:016x}");
+        }
+        // serde_json cannot represent the non-finite samples, so JCS's required error for them
+        // cannot arise here.
+        assert!(Number::from_f64(f64::NAN).is_none());
+        assert!(Number::from_f64(f64::INFINITY).is_none());
+    }
+
+    #[test]
+    fn number_formatting_boundaries() {
+        let cases: &[(f64, &str)] = &[
+            (1.0, "1"),
+            (-1.5, "-1.5"),
+            (100.0, "100"),
+            (0.1, "0.1"),
+            (1e20, "100000000000000000000"),
+            (1e21, "1e+21"),
+            (1.5e21, "1.5e+21"),
+            (1e-6, "0.000001"),
+            (1.5e-6, "0.0000015"),
+            (1e-7, "1e-7"),
+            (1.25e-7, "1.25e-7"),
+            (123456.789, "123456.789"),
+        ];
+        for &(x, expected) in cases {
+            assert_eq!(es_number_to_string(x), expected, "{x:e}");
+        }
+        // Integers, as our payloads carry them, are plain decimal, and an f64 spelled "1.0"
+        // canonicalises like the integer 1.
+        let v: Value = serde_json::from_str("[0, -0, 1.0, 42, -7, 9007199254740991, 1e2]").unwrap();
+        assert_eq!(jcs(&v), "[0,0,1,42,-7,9007199254740991,100]");
+        // Beyond ±2^53 integers stay exact (documented deviation from JCS).
+        assert_eq!(jcs(&json!(u64::MAX)), "18446744073709551615");
+        assert_eq!(jcs(&json!(i64::MIN)), "-9223372036854775808");
+    }
+
+    #[test]
+    fn string_escaping() {
+        let s: String = (0u8..0x20).map(char::from).collect::<String>() + "\"\\/\u{7f}\u{2028}é€😀";
+        let expected = concat!(
+            r#""\u0000\u0001\u0002\u0003\u0004\u0005\u0006\u0007"#,
+            r#"\b\t\n\u000b\f\r\u000e\u000f"#,
+            r#"\u0010\u0011\u0012\u0013\u0014\u0015\u0016\u0017"#,
+            r#"\u0018\u0019\u001a\u001b\u001c\u001d\u001e\u001f"#,
+            "\\\"\\\\/\u{7f}\u{2028}é€😀\"",
+        );
+        assert_eq!(jcs(&Value::String(s)), expected);
+    }
+
+    #[test]
+    fn nested_structures_have_no_whitespace_and_sorted_keys() {
+        let v: Value = serde_json::from_str(
+            r#"{ "b": [ 1, { "z": null, "a": [] } ], "a": { }, "aa": "x", "A": true }"#,
+        )
+        .unwrap();
+        assert_eq!(
+            jcs(&v),
+            r#"{"A":true,"a":{},"aa":"x","b":[1,{"a":[],"z":null}]}"#
+        );
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(any::<String>(), inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn canonical_form_parses_back_to_the_same_value(v in arb_json()) {
+            let bytes = canonical_json(&v);
+            let parsed: Value = serde_json::from_slice(&bytes).unwrap();
+            prop_assert_eq!(&parsed, &v);
+            prop_assert_eq!(canonical_json(&parsed), bytes);
+            let pretty = serde_json::to_string_pretty(&v).unwrap();
+            let reparsed: Value = serde_json::from_str(&pretty).unwrap();
+            prop_assert_eq!(canonical_json(&reparsed), canonical_json(&v));
+        }
+
+        #[test]
+        fn finite_floats_round_trip(bits in any::<u64>()) {
+            let x = f64::from_bits(bits);
+            prop_assume!(x.is_finite());
+            let text = es_number_to_string(x);
+            let back: f64 = text.parse().unwrap();
+            prop_assert!(back == x, "{} -> {}", x, text);
+            // Tie-breaking may swap the last digit but never lengthens the shortest form.
+            let rust = split_scientific(&format!("{:e}", x.abs())).unwrap().0;
+            let ours = shortest_digits(x.abs()).unwrap().0;
+            prop_assert_eq!(ours.len(), rust.len());
+        }
+    }
+
+    fn recorded_at() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 23, 11, 35, 36).unwrap() + Duration::microseconds(123_456)
+    }
+
+    struct Owned {
+        event_id: Uuid,
+        payload: Value,
+        metadata: Value,
+    }
+
+    fn owned() -> Owned {
+        Owned {
+            event_id: Uuid::parse_str("0190A0A0-1111-7222-8333-444455556666").unwrap(),
+            payload: json!({"booking_id": "b-1", "party_size": 4, "amount_minor": 12500, "note": "é"}),
+            metadata: json!({"correlation_id": "c-1", "actor": {"kind": "guest"}}),
+        }
+    }
+
+    fn row(o: &Owned) -> HashedRow<'_> {
+        HashedRow {
+            global_position: 42,
+            event_id: o.event_id,
+            stream_id: "booking-0190a0a0-1111-7222-8333-444455556666",
+            stream_version: 3,
+            event_type: "BookingConfirmed",
+            schema_version: 1,
+            payload: &o.payload,
+            metadata: &o.metadata,
+            recorded_at: recorded_at(),
+        }
+    }
+
+    #[test]
+    fn row_bytes_layout() {
+        let o = owned();
+        let text = String::from_utf8(row_bytes(&row(&o))).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"event_id":"0190a0a0-1111-7222-8333-444455556666","#,
+                r#""event_type":"BookingConfirmed","global_position":42,"#,
+                r#""metadata":{"actor":{"kind":"guest"},"correlation_id":"c-1"},"#,
+                r#""payload":{"amount_minor":12500,"booking_id":"b-1","note":"é","party_size":4},"#,
+                r#""recorded_at":"2026-11-23T11:35:36.123456Z","schema_version":1,"#,
+                r#""stream_id":"booking-0190a0a0-1111-7222-8333-444455556666","stream_version":3}"#,
+            )
+        );
+        let mut expected = Sha256::new();
+        expected.update([0u8]);
+        expected.update(text.as_bytes());
+        assert_eq!(leaf_hash(&row(&o)), <[u8; 32]>::from(expected.finalize()));
+    }
+
+    #[test]
+    fn recorded_at_always_has_six_fraction_digits() {
+        let o = owned();
+        let whole = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).unwrap();
+        let text = |t: DateTime<Utc>| {
+            let r = HashedRow {
+                recorded_at: t,
+                ..row(&o)
+            };
+            String::from_utf8(row_bytes(&r)).unwrap()
+        };
+        assert!(text(whole).contains(r#""recorded_at":"2026-01-02T03:04:05.000000Z""#));
+        // Sub-microsecond digits are not stored by Postgres, so they must not affect the hash.
+        let with_nanos = whole + Duration::nanoseconds(1_999);
+        assert!(text(with_nanos).contains(r#""recorded_at":"2026-01-02T03:04:05.000001Z""#));
+    }
+
+    #[test]
+    fn leaf_hash_changes_when_any_field_changes() {
+        let o = owned();
+        let base = leaf_hash(&row(&o));
+        let other_payload =
+            json!({"booking_id": "b-1", "party_size": 5, "amount_minor": 12500, "note": "é"});
+        let other_payload_str =
+            json!({"booking_id": "b-2", "party_size": 4, "amount_minor": 12500, "note": "é"});
+        let other_metadata = json!({"correlation_id": "c-2", "actor": {"kind": "guest"}});
+        let variants = [
+            HashedRow {
+                global_position: 43,
+                ..row(&o)
+            },
+            HashedRow {
+                event_id: Uuid::nil(),
+                ..row(&o)
+            },
+            HashedRow {
+                stream_id: "booking-x",
+                ..row(&o)
+            },
+            HashedRow {
+                stream_version: 4,
+                ..row(&o)
+            },
+            HashedRow {
+                event_type: "BookingCancelled",
+                ..row(&o)
+            },
+            HashedRow {
+                schema_version: 2,
+                ..row(&o)
+            },
+            HashedRow {
+                payload: &other_payload,
+                ..row(&o)
+            },
+            HashedRow {
+                payload: &other_payload_str,
+                ..row(&o)
+            },
+            HashedRow {
+                metadata: &other_metadata,
+                ..row(&o)
+            },
+            HashedRow {
+                recorded_at: recorded_at() + Duration::microseconds(1),
+                ..row(&o)
+            },
+        ];
+        let mut seen = vec![base];
+        for (i, variant) in variants.iter().enumerate() {
+            let h = leaf_hash(variant);
+            assert!(!seen.contains(&h), "variant {i} collides");
+            seen.push(h);
+        }
+    }
+
+    #[test]
+    fn same_row_parsed_back_from_its_own_json_hashes_the_same() {
+        let o = owned();
+        let original = row(&o);
+        let bytes = row_bytes(&original);
+        let parsed: Value = serde_json::from_slice(&bytes).unwrap();
+
+        let event_id = Uuid::parse_str(parsed["event_id"].as_str().unwrap()).unwrap();
+        let recorded_at = DateTime::parse_from_rfc3339(parsed["recorded_at"].as_str().unwrap())
+            .unwrap()
+            .with_timezone(&Utc);
+        let back = HashedRow {
+            global_position: parsed["global_position"].as_i64().unwrap(),
+            event_id,
+            stream_id: parsed["stream_id"].as_str().unwrap(),
+            stream_version: parsed["stream_version"].as_i64().unwrap(),
+            event_type: parsed["event_type"].as_str().unwrap(),
+            schema_version: i32::try_from(parsed["schema_version"].as_i64().unwrap()).unwrap(),
+            payload: &parsed["payload"],
+            metadata: &parsed["metadata"],
+            recorded_at,
+        };
+        assert_eq!(row_bytes(&back), bytes);
+        assert_eq!(leaf_hash(&back), leaf_hash(&original));
+
+        // As jsonb hands it back: keys reordered, whitespace changed.
+        let payload: Value = serde_json::from_str(
+            r#"{ "note" : "\u00e9", "party_size": 4, "amount_minor":12500, "booking_id":"b-1" }"#,
+        )
+        .unwrap();
+        let reordered = HashedRow {
+            payload: &payload,
+            ..original
+        };
+        assert_eq!(leaf_hash(&reordered), leaf_hash(&original));
+    }
+
+    #[test]
+    fn entry_hashes_chain() {
+        let leaves: Vec<[u8; 32]> = (0u8..4).map(|i| Sha256::digest([i]).into()).collect();
+        let chain = |leaves: &[[u8; 32]]| {
+            let mut prev = GENESIS_HASH;
+            leaves
+                .iter()
+                .map(|leaf| {
+                    prev = entry_hash(&prev, leaf);
+                    prev
+                })
+                .collect::<Vec<_>>()
+        };
+        let entries = chain(&leaves);
+
+        let mut first = Sha256::new();
+        first.update([0u8; 32]);
+        first.update(leaves[0]);
+        assert_eq!(entries[0], <[u8; 32]>::from(first.finalize()));
+        assert_eq!(entries[1], entry_hash(&entries[0], &leaves[1]));
+
+        // Changing one leaf changes its entry and every later one, but none before it.
+        let mut edited = leaves.clone();
+        edited[1][0] ^= 1;
+        let edited_entries = chain(&edited);
+        assert_eq!(edited_entries[0], entries[0]);
+        for i in 1..4 {
+            assert_ne!(edited_entries[i], entries[i]);
+        }
+        // Swapping two events is detected too.
+        let mut swapped = leaves.clone();
+        swapped.swap(1, 2);
+        assert_ne!(chain(&swapped)[3], entries[3]);
+        // Order of the two inputs matters.
+        assert_ne!(
+            entry_hash(&leaves[0], &leaves[1]),
+            entry_hash(&leaves[1], &leaves[0])
+        );
+    }
+
+    /// Certificate Transparency's reference tree (merkle_tree_test.cc), leaves hashed as
+    /// SHA-256(0x00 ‖ data).
+    const CT_INPUTS: [&[u8]; 8] = [
+        b"",
+        b"\x00",
+        b"\x10",
+        b"\x20\x21",
+        b"\x30\x31",
+        b"\x40\x41\x42\x43",
+        b"\x50\x51\x52\x53\x54\x55\x56\x57",
+        b"\x60\x61\x62\x63\x64\x65\x66\x67\x68\x69\x6a\x6b\x6c\x6d\x6e\x6f",
+    ];
+    const CT_ROOTS: [&str; 8] = [
+        "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+        "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+        "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+        "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+        "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+    ];
+
+    #[test]
+    fn merkle_root_matches_rfc6962_reference_vectors() {
+        assert_eq!(
+            hex::encode(merkle_root(&[])),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        let leaves: Vec<[u8; 32]> = CT_INPUTS
+            .iter()
+            .map(|data| {
+                let mut h = Sha256::new();
+                h.update([LEAF_PREFIX]);
+                h.update(data);
+                h.finalize().into()
+            })
+            .collect();
+        for n in 1..=8 {
+            assert_eq!(
+                hex::encode(merkle_root(&leaves[..n])),
+                CT_ROOTS[n - 1],
+                "n = {n}"
+            );
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Configuration from the environment (documented by `ledger --help` through clap's `env`).
+//!
+//! A missing or malformed value stops the program at start with a message naming the variable
+//! and exit status 2. Secrets are held in `secrecy` types and never printed.
+
+use clap::Args;
+use ledger_events::pii::MasterKey;
+use secrecy::{ExposeSecret, SecretString};
+use std::net::SocketAddr;
+
+/// A configuration error: names the variable, never its value.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn missing(variable: &'static str) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: "is required but not set".into(),
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DatabaseArgs {
+    /// Postgres connection URL.
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<SecretString>,
+}
+
+impl DatabaseArgs {
+    pub fn url(&self) -> Result<String, ConfigError> {
+        let url = self
+            .database_url
+            .as_ref()
+            .map(|s| s.expose_secret().trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("DATABASE_URL"))?;
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError {
+                variable: "DATABASE_URL",
+                problem: "must be a postgres:// URL".into(),
+            });
+        }
+        Ok(url)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JwtArgs {
+    /// HS256 secret for bearer tokens (at least 32 bytes).
+    #[arg(long = "jwt-secret", env = "LEDGER_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<SecretString>,
+}
+
+impl JwtArgs {
+    pub fn secret(&self) -> Result<Vec<u8>, ConfigError> {
+        let s = self
+            .jwt_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes().to_vec())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("LEDGER_JWT_SECRET"))?;
+        if s.len() < 32 {
+            return Err(ConfigError {
+                variable: "LEDGER_JWT_SECRET",
+                problem: "must be at least 32 bytes".into(),
+            });
+        }
+        Ok(s)
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct KeyArgs {
+    /// Base64 of 32 random bytes: the key-encryption key for personal data.
+    #[arg(long = "master-key", env = "LEDGER_MASTER_KEY", hide_env_values = true)]
+    pub master_key: Option<SecretString>,
+}
+
+impl KeyArgs {
+    pub fn master_key(&self) -> Result<MasterKey, ConfigError> {
+        let s = self
+            .master_key
+            .as_ref()
+            .map(|s| s.expose_secret().to_owned())
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| missing("LEDGER_MASTER_KEY"))?;
+        MasterKey::from_base64(&s).map_err(|_| ConfigError {
+            variable: "LEDGER_MASTER_KEY",
+            problem: "must be base64 of exactly 32 random bytes (e.g. `openssl rand -base64 32`)"
+                .into(),
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// nats-server with JetStream.
+    #[arg(long = "nats-url", env = "NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+    /// HTTP listen address.
+    #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    #[command(flatten)]
+    pub jwt: JwtArgs,
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// HMAC secret of the payment provider's webhooks.
+    #[arg(
+        long = "webhook-secret",
+        env = "LEDGER_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<SecretString>,
+}
+
+/// Everything `serve` needs, validated.
+pub struct Settings {
+    pub database_url: String,
+    pub nats_url: String,
+    pub listen: SocketAddr,
+    pub jwt_secret: Vec<u8>,
+    pub master_key: MasterKey,
+    pub webhook_secret: Vec<u8>,
+}
+
+impl ServeConfig {
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        let nats_url = self
+            .nats_url
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| missing("NATS_URL"))?;
+        let listen = self.listen.parse().map_err(|_| ConfigError {
+            variable: "LEDGER_LISTEN",
+            problem: "must be an address such as 127.0.0.1:8080".into(),
+        })?;
+        let webhook_secret = self
+            .webhook_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes().to_vec())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| missing("LEDGER_WEBHOOK_SECRET"))?;
+        Ok(Settings {
+            database_url: self.database.url()?,
+            nats_url,
+            listen,
+            jwt_secret: self.jwt.secret()?,
+            master_key: self.keys.master_key()?,
+            webhook_secret,
+        })
+    }
+}

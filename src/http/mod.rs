@@ -1,0 +1,213 @@
+//! The HTTP API: routing, shared state, request ids, and operations endpoints.
+//!
+//! Handlers live one module per noun (`venues`, `bookings`, `payments`); what every command
+//! shares (body, idempotency, `If-Match`, audit of refusals) is in [`command`].
+
+pub mod auth;
+pub mod bookings;
+pub mod command;
+pub mod payments;
+pub mod problem;
+pub mod venues;
+
+use crate::store::append::Appender;
+use crate::store::vault::KeyVault;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use command::RequestIds;
+use ledger_events::booking::{self, Booking, BookingEvent};
+use ledger_events::ids::{
+    booking_stream, payment_stream, venue_stream, BookingId, PaymentId, VenueId,
+};
+use ledger_events::payment::{self, Payment, PaymentEvent};
+use ledger_events::venue::{self, Venue, VenueEvent};
+use problem::ApiError;
+use serde_json::json;
+use sqlx::PgPool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use uuid::Uuid;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    /// The only way to write to the log.
+    pub appender: Appender,
+    /// Subjects and their keys: sealing personal data needs them.
+    pub vault: KeyVault,
+    pub jwt: auth::JwtKeys,
+    /// Verifies the payment provider's webhook signatures.
+    pub webhook_secret: Arc<Vec<u8>>,
+    /// For readiness: NATS is the transport of the read side.
+    pub nats: Option<async_nats::Client>,
+}
+
+/// Parses a path id; a malformed one cannot name anything, so it is a 404 like an unknown one.
+pub fn parse_id(raw: &str, what: &'static str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::not_found(what))
+}
+
+impl AppState {
+    pub async fn load_venue(&self, id: VenueId) -> Result<(Option<Venue>, i64), ApiError> {
+        crate::store::load::<VenueEvent, Venue>(&self.pool, &venue_stream(id), venue::evolve)
+            .await
+            .map_err(ApiError::Unexpected)
+    }
+
+    pub async fn load_booking(&self, id: BookingId) -> Result<(Option<Booking>, i64), ApiError> {
+        crate::store::load::<BookingEvent, Booking>(
+            &self.pool,
+            &booking_stream(id),
+            booking::evolve,
+        )
+        .await
+        .map_err(ApiError::Unexpected)
+    }
+
+    pub async fn load_payment(&self, id: PaymentId) -> Result<(Option<Payment>, i64), ApiError> {
+        crate::store::load::<PaymentEvent, Payment>(
+            &self.pool,
+            &payment_stream(id),
+            payment::evolve,
+        )
+        .await
+        .map_err(ApiError::Unexpected)
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/venues", post(venues::register))
+        .route("/venues/{venue_id}/resources", post(venues::add_resource))
+        .route("/bookings", post(bookings::request))
+        .route("/bookings/{id}/confirm", post(bookings::confirm))
+        .route("/bookings/{id}/reschedule", post(bookings::reschedule))
+        .route("/bookings/{id}/cancel", post(bookings::cancel))
+        .route("/bookings/{id}/check-in", post(bookings::check_in))
+        .route("/bookings/{id}/no-show", post(bookings::no_show))
+        .route("/bookings/{id}/payments", post(payments::authorize))
+        .route("/payments/{id}/capture", post(payments::capture))
+        .route("/payments/{id}/refund", post(payments::refund))
+        .route("/webhooks/payments", post(payments::webhook));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            let mut r = ApiError::not_found("method").into_response();
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        })
+        .layer(middleware::from_fn(request_ids))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Unexpected(anyhow::anyhow!("a handler panicked")).into_response()
+        }))
+        .with_state(state)
+}
+
+fn header_uuid(req: &Request, name: &str) -> Option<Uuid> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+}
+
+/// Gives each request an id (or keeps a valid `X-Request-Id`), a correlation id (or keeps a valid
+/// `X-Correlation-Id`), and a span named by the route template, never the raw path or query.
+async fn request_ids(mut req: Request, next: Next) -> Response {
+    let request_id = header_uuid(&req, "x-request-id").unwrap_or_else(Uuid::now_v7);
+    let correlation_id = header_uuid(&req, "x-correlation-id").unwrap_or(request_id);
+    req.extensions_mut().insert(RequestIds {
+        request_id,
+        correlation_id,
+    });
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let span = tracing::info_span!("http", %method, route, %request_id);
+    let started = std::time::Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.in_scope(|| {
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = started.elapsed().as_micros() as u64,
+            "request done"
+        )
+    });
+    if let Ok(v) = HeaderValue::from_str(&request_id.to_string()) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+async fn live() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn ready(State(app): State<AppState>) -> Response {
+    let postgres = sqlx::query("SELECT 1").execute(&app.pool).await.is_ok();
+    let nats = match &app.nats {
+        Some(c) => c.connection_state() == async_nats::connection::State::Connected,
+        None => false,
+    };
+    let status = if postgres && nats {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "status": if status == StatusCode::OK { "ready" } else { "not-ready" },
+            "checks": {"postgres": postgres, "nats": nats},
+        })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let m = app.appender.metrics();
+    let head = ledger_replay::head_position(&app.pool).await.unwrap_or(-1);
+    let body = format!(
+        "# HELP ledger_append_batches_total Append transactions committed or attempted.\n\
+         # TYPE ledger_append_batches_total counter\n\
+         ledger_append_batches_total {}\n\
+         # HELP ledger_append_commands_total Commands handed to the append pipeline.\n\
+         # TYPE ledger_append_commands_total counter\n\
+         ledger_append_commands_total {}\n\
+         # HELP ledger_append_events_total Events handed to the append pipeline.\n\
+         # TYPE ledger_append_events_total counter\n\
+         ledger_append_events_total {}\n\
+         # HELP ledger_append_batch_seconds_total Time spent writing batches.\n\
+         # TYPE ledger_append_batch_seconds_total counter\n\
+         ledger_append_batch_seconds_total {:.6}\n\
+         # HELP ledger_log_head_position Global position of the last committed event.\n\
+         # TYPE ledger_log_head_position gauge\n\
+         ledger_log_head_position {}\n",
+        m.batches.load(Relaxed),
+        m.commands.load(Relaxed),
+        m.events.load(Relaxed),
+        m.batch_micros.load(Relaxed) as f64 / 1e6,
+        head,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}

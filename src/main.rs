@@ -1,0 +1,170 @@
+//! The `ledger` command line: a thin shell over the library.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ledger::config::{ConfigError, DatabaseArgs, JwtArgs, ServeConfig};
+use ledger::http::auth::{Claims, JwtKeys, Role};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "ledger",
+    version,
+    about = "An event-sourced booking ledger on Postgres and NATS JetStream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (and, as they land, the relay and projection workers).
+    Serve {
+        #[command(flatten)]
+        config: ServeConfig,
+        /// Run only one part, so each can be scaled out on its own.
+        #[arg(long, value_enum)]
+        only: Option<Part>,
+    },
+    /// Apply the migrations in `migrations/`.
+    Migrate {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Print a signed bearer token.
+    Token {
+        #[command(flatten)]
+        jwt: JwtArgs,
+        /// The caller's opaque id (never an email).
+        #[arg(long)]
+        sub: String,
+        #[arg(long, value_enum)]
+        role: Role,
+        /// A customer's data-subject id.
+        #[arg(long)]
+        subject: Option<Uuid>,
+        /// Restrict a staff token to these venues (repeatable).
+        #[arg(long = "venue")]
+        venues: Vec<Uuid>,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Register the demo venue and its resources (idempotent).
+    Seed {
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+    /// Benchmarks against the local Postgres.
+    Bench(ledger::bench::BenchArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Part {
+    /// The HTTP API with its append pipeline.
+    Api,
+}
+
+fn config_error(e: ConfigError) -> ExitCode {
+    eprintln!("ledger: configuration error: {e}");
+    ExitCode::from(2)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ledger::telemetry::init();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ledger: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config, only } => {
+            let settings = match config.validate() {
+                Ok(s) => s,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let _ = only;
+            let app = ledger::app::Application::build(&settings).await?;
+            tracing::info!(addr = %app.local_addr()?, "serving");
+            let shutdown = CancellationToken::new();
+            ledger::app::shutdown_on_signals(shutdown.clone());
+            app.run(shutdown).await?;
+        }
+        Command::Migrate { database } => {
+            let url = match database.url() {
+                Ok(u) => u,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let pool = ledger::app::connect(&url, 2).await?;
+            ledger::app::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Token {
+            jwt,
+            sub,
+            role,
+            subject,
+            venues,
+            ttl,
+        } => {
+            let secret = match jwt.secret() {
+                Ok(s) => s,
+                Err(e) => return Ok(config_error(e)),
+            };
+            if sub.trim().is_empty() || sub.contains('@') {
+                eprintln!("ledger: --sub must be an opaque id, not empty and not an email");
+                return Ok(ExitCode::from(2));
+            }
+            if role == Role::Customer && subject.is_none() {
+                eprintln!("ledger: a customer token needs --subject");
+                return Ok(ExitCode::from(2));
+            }
+            let now = chrono::Utc::now().timestamp();
+            let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2);
+            let claims = Claims {
+                sub,
+                role,
+                exp: now.saturating_add(ttl),
+                iat: Some(now),
+                subject,
+                venues: if venues.is_empty() {
+                    None
+                } else {
+                    Some(venues)
+                },
+            };
+            println!("{}", JwtKeys::new(&secret).sign(&claims)?);
+        }
+        Command::Seed { database } => {
+            let url = match database.url() {
+                Ok(u) => u,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let pool = ledger::app::connect(&url, 2).await?;
+            let (appender, writer) = ledger::store::append::Appender::spawn(pool.clone());
+            let added = ledger::seed::demo_venue(&appender).await?;
+            drop(appender);
+            let _ = writer.await;
+            println!(
+                "demo venue {} {}",
+                ledger::seed::DEMO_VENUE,
+                if added {
+                    "registered"
+                } else {
+                    "already present"
+                }
+            );
+        }
+        Command::Bench(args) => return ledger::bench::run(args).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}

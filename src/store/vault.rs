@@ -1,0 +1,147 @@
+//! The key vault: data subjects, their wrapped data keys, and the email blind index.
+//!
+//! Keys are minted on first use and only ever stored wrapped by the key-encryption key derived from
+//! `LEDGER_MASTER_KEY`. Unwrapped keys live in a per-process cache; erasure will flush it.
+
+use ledger_events::ids::SubjectId;
+use ledger_events::pii::{DataKey, Keyring};
+use sqlx::PgPool;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use uuid::Uuid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    /// The subject was erased: its key is gone for good and no new one may be minted.
+    #[error("the data subject has been erased")]
+    Erased,
+    /// The email belongs to another subject than the one the caller acts for.
+    #[error("the email belongs to another data subject")]
+    OtherSubject,
+    #[error("a wrapped key does not open: wrong master key?")]
+    Unwrap,
+    #[error("key vault database failure: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// A subject's usable key.
+#[derive(Clone, Debug)]
+pub struct SubjectKey {
+    pub key_id: Uuid,
+    pub key: DataKey,
+}
+
+#[derive(Clone)]
+pub struct KeyVault {
+    pool: PgPool,
+    keyring: Arc<Keyring>,
+    /// Unwrapping costs an AEAD open and a query; bookings of a regular come often.
+    cache: Arc<RwLock<HashMap<SubjectId, SubjectKey>>>,
+}
+
+impl KeyVault {
+    pub fn new(pool: PgPool, keyring: Arc<Keyring>) -> Self {
+        KeyVault {
+            pool,
+            keyring,
+            cache: Arc::default(),
+        }
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// The subject an email belongs to, minting one (with its key) on first sight.
+    ///
+    /// `acting_for` is the subject of a customer's token: a new email is bound to it, and an email
+    /// already bound elsewhere is refused.
+    pub async fn subject_for_email(
+        &self,
+        email: &str,
+        acting_for: Option<SubjectId>,
+    ) -> Result<SubjectId, VaultError> {
+        let blind = self.keyring.blind_index(email).to_vec();
+        if let Some(found) = self.lookup(&blind).await? {
+            return match acting_for {
+                Some(s) if s != found => Err(VaultError::OtherSubject),
+                _ => Ok(found),
+            };
+        }
+        let candidate = acting_for.unwrap_or_else(SubjectId::mint);
+        let mut tx = self.pool.begin().await?;
+        let key = DataKey::generate();
+        let key_id = Uuid::now_v7();
+        let wrapped = self.keyring.wrap_data_key(candidate.0, key_id, &key);
+        // An erased subject's fence row makes this a no-op; `key` below then reports it.
+        sqlx::query(
+            "INSERT INTO keystore.subject_keys (subject_id, key_id, wrapped_key) \
+             VALUES ($1, $2, $3) ON CONFLICT (subject_id) DO NOTHING",
+        )
+        .bind(candidate.0)
+        .bind(key_id)
+        .bind(&wrapped)
+        .execute(&mut *tx)
+        .await?;
+        let bound: Option<(Uuid,)> = sqlx::query_as(
+            "INSERT INTO keystore.subject_lookup (blind_index, subject_id) VALUES ($1, $2) \
+             ON CONFLICT (blind_index) DO NOTHING RETURNING subject_id",
+        )
+        .bind(&blind)
+        .bind(candidate.0)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if bound.is_some() {
+            tx.commit().await?;
+            // Fail early for an erased subject rather than at sealing time.
+            self.key(candidate).await?;
+            return Ok(candidate);
+        }
+        // Someone bound this email concurrently: theirs wins, ours (and its fresh key) is dropped.
+        tx.rollback().await?;
+        let winner = self.lookup(&blind).await?.ok_or(VaultError::Erased)?;
+        match acting_for {
+            Some(s) if s != winner => Err(VaultError::OtherSubject),
+            _ => Ok(winner),
+        }
+    }
+
+    async fn lookup(&self, blind: &[u8]) -> Result<Option<SubjectId>, VaultError> {
+        let found: Option<(Uuid,)> =
+            sqlx::query_as("SELECT subject_id FROM keystore.subject_lookup WHERE blind_index = $1")
+                .bind(blind)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(found.map(|(s,)| SubjectId(s)))
+    }
+
+    /// The subject's data key; [`VaultError::Erased`] once shredded.
+    pub async fn key(&self, subject: SubjectId) -> Result<SubjectKey, VaultError> {
+        if let Some(k) = self
+            .cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&subject).cloned())
+        {
+            return Ok(k);
+        }
+        let row: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT key_id, wrapped_key FROM keystore.subject_keys WHERE subject_id = $1",
+        )
+        .bind(subject.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((key_id, Some(wrapped))) = row else {
+            return Err(VaultError::Erased);
+        };
+        let key = self
+            .keyring
+            .unwrap_data_key(subject.0, key_id, &wrapped)
+            .map_err(|_| VaultError::Unwrap)?;
+        let found = SubjectKey { key_id, key };
+        if let Ok(mut cache) = self.cache.write() {
+            cache.insert(subject, found.clone());
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,17 @@
+//! Logging: `RUST_LOG` filters (default `info`); JSON lines when `LEDGER_LOG_FORMAT=json`.
+//!
+//! Nothing logged carries personal data, tokens or keys: handlers log ids and outcomes only, and
+//! request spans name the route template, never the raw path or query string.
+
+use tracing_subscriber::{fmt, EnvFilter};
+
+pub fn init() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("LEDGER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
