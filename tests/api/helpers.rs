@@ -1,0 +1,289 @@
+//! `spawn_app()`: a real ledger on 127.0.0.1:0 over its own fresh Postgres database.
+
+use ledger::app::Application;
+use ledger::config::Settings;
+use ledger::http::auth::{Claims, JwtKeys, Role};
+use ledger_events::pii::MasterKey;
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub jwt: JwtKeys,
+    pub webhook_secret: Vec<u8>,
+    pub database_url: String,
+    pub db_name: String,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The superuser URL the test command exports; each test makes its own database from it.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| {
+        panic!("DATABASE_URL is not set: run the tests with ./dev.sh test (it starts Postgres)")
+    })
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && i > url.find("://").unwrap_or(0) + 2 => {
+            let (base, rest) = url.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{db}{query}")
+        }
+        _ => format!("{url}/{db}"),
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let admin = admin_url();
+    let db_name = format!("ledger_test_{}", Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("cannot reach Postgres at DATABASE_URL: {e}"));
+    sqlx::query(&format!("CREATE DATABASE {db_name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("create database: {e}"));
+    let database_url = with_database(&admin, &db_name);
+    let pool = ledger::app::connect(&database_url, 16)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    ledger::app::migrate(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let settings = Settings {
+        database_url: database_url.clone(),
+        nats_url: "nats://127.0.0.1:1".into(),
+        listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+        jwt_secret: jwt_secret.clone(),
+        master_key: MasterKey::generate(),
+        webhook_secret: webhook_secret.clone(),
+    };
+    let app = Application::with_parts(pool.clone(), None, &settings)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run(shutdown.clone()));
+    TestApp {
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        pool,
+        jwt: JwtKeys::new(&jwt_secret),
+        webhook_secret,
+        database_url,
+        db_name,
+        shutdown,
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The problem type's slug, checking the media type on the way.
+    pub fn problem(&self) -> &str {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/problem+json"),
+            "{self:?}"
+        );
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.rsplit('/').next())
+            .unwrap_or("")
+    }
+
+    pub fn id(&self) -> Uuid {
+        self.body["id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .unwrap_or_else(|| panic!("no id in {self:?}"))
+    }
+}
+
+pub struct Token(pub String);
+
+impl TestApp {
+    pub fn token_with(
+        &self,
+        role: Role,
+        subject: Option<Uuid>,
+        venues: Option<Vec<Uuid>>,
+    ) -> Token {
+        let claims = Claims {
+            sub: format!("{}-{}", role_name(role), Uuid::new_v4().simple()),
+            role,
+            exp: chrono::Utc::now().timestamp() + 600,
+            iat: None,
+            subject,
+            venues,
+        };
+        Token(self.jwt.sign(&claims).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    pub fn token(&self, role: Role) -> Token {
+        self.token_with(role, None, None)
+    }
+
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Answer {
+        let r = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request failed: {e}"));
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let bytes = r.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn post(&self, path: &str, token: &Token, body: Value) -> Answer {
+        self.send(
+            self.client
+                .post(format!("{}{}", self.base, path))
+                .bearer_auth(&token.0)
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn post_with(
+        &self,
+        path: &str,
+        token: &Token,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .bearer_auth(&token.0)
+            .json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req).await
+    }
+
+    /// A venue (Europe/Berlin) with a table for 4 and a room for 10: (venue, table, room).
+    pub async fn venue(&self) -> (Uuid, Uuid, Uuid) {
+        let admin = self.token(Role::Admin);
+        let v = self
+            .post(
+                "/v1/venues",
+                &admin,
+                json!({"name": "Chez Test", "timezone": "Europe/Berlin"}),
+            )
+            .await;
+        assert_eq!(v.status, 201, "{v:?}");
+        let venue = v.id();
+        let t = self
+            .post(
+                &format!("/v1/venues/{venue}/resources"),
+                &admin,
+                json!({"name": "Table 1", "capacity": 4}),
+            )
+            .await;
+        assert_eq!(t.status, 201, "{t:?}");
+        let r = self
+            .post(
+                &format!("/v1/venues/{venue}/resources"),
+                &admin,
+                json!({"name": "Room", "capacity": 10}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{r:?}");
+        (venue, t.id(), r.id())
+    }
+
+    /// Books `resource` from `start` to `end` (hours on 2030-06-01 UTC) for a fresh customer.
+    pub async fn book(
+        &self,
+        token: &Token,
+        venue: Uuid,
+        resource: Uuid,
+        start: u32,
+        end: u32,
+    ) -> Answer {
+        self.post(
+            "/v1/bookings",
+            token,
+            booking_body(venue, resource, start, end, &unique_email()),
+        )
+        .await
+    }
+
+    pub async fn count_events(&self, event_type: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = $1")
+            .bind(event_type)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    pub async fn count_all_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+
+    /// Events that are not `CommandAudited`: what a refused command must never add to.
+    pub async fn count_domain_events(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type <> 'CommandAudited'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap_or(-1)
+    }
+}
+
+pub fn role_name(role: Role) -> &'static str {
+    role.as_str()
+}
+
+pub fn unique_email() -> String {
+    format!("guest-{}@example.org", Uuid::new_v4().simple())
+}
+
+pub fn at(hour: u32) -> String {
+    format!("2030-06-01T{hour:02}:00:00Z")
+}
+
+pub fn booking_body(venue: Uuid, resource: Uuid, start: u32, end: u32, email: &str) -> Value {
+    json!({
+        "venue_id": venue,
+        "resource_id": resource,
+        "starts_at": at(start),
+        "ends_at": at(end),
+        "party_size": 2,
+        "customer": {"name": "Grace Hopper", "email": email, "phone": "+1 555 0100"},
+        "notes": "window seat"
+    })
+}
