@@ -16,8 +16,8 @@ CREATE TABLE events (
     UNIQUE (stream_id, stream_version)
 );
 
-CREATE INDEX events_recorded_at ON events (recorded_at);
-CREATE INDEX events_event_type ON events (event_type, global_position);
+-- Deliberately no other index: each costs every append. Readers that need one (audit by time,
+-- by actor) add it with the feature that needs it.
 
 -- The head of the log. Every append takes this row FOR UPDATE and holds it to commit: that is what
 -- makes positions gapless and in commit order (a reader at position N never sees N+1 before N).

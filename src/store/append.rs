@@ -2,12 +2,20 @@
 //!
 //! Handlers decide, then hand an [`AppendRequest`] (events per stream with expected versions, an
 //! optional slot change, an optional idempotency claim) to [`Appender::append`]. One writer task
-//! per process takes whatever is queued, opens one transaction, locks the log head, and for the
-//! whole batch: checks expected versions and idempotency keys, applies slot changes (each in its
-//! own subtransaction, so one taken slot refuses one command, not the batch), assigns gapless
-//! positions, extends the hash chain, inserts every event and idempotency record in one
-//! statement, and commits once. The commit is amortised over the batch, so throughput grows with
-//! load instead of being capped at one commit per append.
+//! per process takes whatever is queued and commits it as one batch in two round trips:
+//!
+//! 1. one read (one snapshot): the log head, the current versions of the batch's streams, and any
+//!    stored idempotency keys;
+//! 2. planning in memory, as if the commands had come one at a time: version checks, idempotency,
+//!    gapless positions, the hash chain;
+//! 3. one call to `append_batch` (see the migrations), which takes the log head row lock,
+//!    confirms the head has not moved since step 1, applies slot changes, inserts every event and
+//!    idempotency record, moves the head, and commits with the statement.
+//!
+//! If another process appended in between, or a slot change was refused, nothing was written and
+//! the batch is planned again without the refused commands. The commit is amortised over the
+//! batch, so throughput grows with load instead of being capped at one commit per append; holding
+//! the head lock to commit keeps positions gapless and visible in commit order.
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ledger_events::booking::TimeSlot;
@@ -15,7 +23,8 @@ use ledger_events::chain::{entry_hash, leaf_hash, HashedRow};
 use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgConnection, PgPool, Postgres};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -180,6 +189,10 @@ impl Appender {
 async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<AppendMetrics>) {
     use std::sync::atomic::Ordering::Relaxed;
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
+    // One connection for the writer's whole life: its backend keeps the prepared statements and
+    // the plan of `append_batch` warm. A pool would rotate through cold backends.
+    let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut known = Knowledge::default();
     while rx.recv_many(&mut batch, MAX_BATCH_COMMANDS).await > 0 {
         let started = std::time::Instant::now();
         let jobs = std::mem::take(&mut batch);
@@ -191,7 +204,7 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
         metrics.batches.fetch_add(1, Relaxed);
         metrics.commands.fetch_add(jobs.len() as u64, Relaxed);
         metrics.events.fetch_add(events as u64, Relaxed);
-        write_jobs(&pool, jobs).await;
+        write_jobs(&pool, &mut conn, &mut known, jobs).await;
         metrics
             .batch_micros
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
@@ -201,9 +214,24 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
 
 /// Writes a batch; if the database refuses the batch as a whole, retries each command alone so
 /// one poisoned command cannot fail its neighbours.
-async fn write_jobs(pool: &PgPool, jobs: Vec<Job>) {
+async fn write_jobs(
+    pool: &PgPool,
+    conn: &mut Option<PoolConnection<Postgres>>,
+    known: &mut Knowledge,
+    jobs: Vec<Job>,
+) {
     let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
-    match write_batch(pool, &requests).await {
+    let result = match writer_connection(pool, conn).await {
+        Ok(c) => write_batch(c, known, &requests).await,
+        Err(e) => Err(e),
+    };
+    if result.is_err() {
+        // The connection may be broken and the batch may or may not have committed: the next
+        // batch starts on a fresh connection and re-reads what it believes.
+        *conn = None;
+        known.forget();
+    }
+    match result {
         Ok(results) => {
             for (job, result) in jobs.into_iter().zip(results) {
                 let _ = job.reply.send(result);
@@ -212,9 +240,17 @@ async fn write_jobs(pool: &PgPool, jobs: Vec<Job>) {
         Err(e) if jobs.len() > 1 && !is_connection_error(&e) => {
             tracing::warn!(error = %e, commands = jobs.len(), "batch refused; retrying one by one");
             for job in jobs {
-                let result = match write_batch(pool, &[&job.request]).await {
+                let written = match writer_connection(pool, conn).await {
+                    Ok(c) => write_batch(c, known, &[&job.request]).await,
+                    Err(e) => Err(e),
+                };
+                let result = match written {
                     Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
-                    Err(e) => Err(AppendError::Database(Arc::new(e))),
+                    Err(e) => {
+                        *conn = None;
+                        known.forget();
+                        Err(AppendError::Database(Arc::new(e)))
+                    }
                 };
                 let _ = job.reply.send(result);
             }
@@ -229,6 +265,19 @@ async fn write_jobs(pool: &PgPool, jobs: Vec<Job>) {
     }
 }
 
+async fn writer_connection<'c>(
+    pool: &PgPool,
+    conn: &'c mut Option<PoolConnection<Postgres>>,
+) -> Result<&'c mut PgConnection, sqlx::Error> {
+    if conn.is_none() {
+        *conn = Some(pool.acquire().await?);
+    }
+    match conn.as_mut() {
+        Some(c) => Ok(&mut **c),
+        None => Err(sqlx::Error::PoolClosed),
+    }
+}
+
 fn is_connection_error(e: &sqlx::Error) -> bool {
     matches!(
         e,
@@ -239,209 +288,328 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
 /// One verdict per request, in order.
 type Verdicts = Vec<Result<AppendOutcome, AppendError>>;
 
-async fn write_batch(pool: &PgPool, requests: &[&AppendRequest]) -> Result<Verdicts, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let (head_position, head_hash, head_time): (i64, Vec<u8>, DateTime<Utc>) =
-        sqlx::query_as("SELECT position, entry_hash, recorded_at FROM log_head FOR UPDATE")
-            .fetch_one(&mut *tx)
-            .await?;
+/// What the writer reads before planning a batch, in one statement (one snapshot).
+struct Snapshot {
+    head_position: i64,
+    head_hash: [u8; 32],
+    head_time: DateTime<Utc>,
+    versions: HashMap<String, i64>,
+    keys: HashMap<Vec<u8>, (Vec<u8>, StoredResponse)>,
+}
 
-    let stream_ids: Vec<String> = requests
+type SnapshotRow = (
+    i64,
+    Vec<u8>,
+    DateTime<Utc>,
+    Vec<String>,
+    Vec<i64>,
+    Vec<Vec<u8>>,
+    Vec<Vec<u8>>,
+    Vec<i16>,
+    Vec<Value>,
+);
+
+async fn read_snapshot(
+    conn: &mut PgConnection,
+    requests: &[&AppendRequest],
+) -> Result<Snapshot, sqlx::Error> {
+    let stream_ids: Vec<&str> = requests
         .iter()
-        .flat_map(|r| r.streams.iter().map(|s| s.stream_id.clone()))
+        .flat_map(|r| r.streams.iter().map(|s| s.stream_id.as_str()))
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let stored_versions: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT stream_id, max(stream_version) FROM events \
-         WHERE stream_id = ANY($1) GROUP BY stream_id",
+    let key_hashes: Vec<&[u8]> = requests
+        .iter()
+        .filter_map(|r| r.idempotency.as_ref().map(|c| c.key_hash.as_slice()))
+        .collect();
+    let row: SnapshotRow = sqlx::query_as(
+        "WITH v AS (SELECT stream_id, max(stream_version) AS version FROM events \
+                     WHERE stream_id = ANY($1) GROUP BY stream_id), \
+              k AS (SELECT key_hash, request_hmac, status, response FROM idempotency_keys \
+                     WHERE key_hash = ANY($2)) \
+         SELECT h.position, h.entry_hash, h.recorded_at, \
+                ARRAY(SELECT stream_id FROM v ORDER BY stream_id), \
+                ARRAY(SELECT version FROM v ORDER BY stream_id), \
+                ARRAY(SELECT key_hash FROM k ORDER BY key_hash), \
+                ARRAY(SELECT request_hmac FROM k ORDER BY key_hash), \
+                ARRAY(SELECT status FROM k ORDER BY key_hash), \
+                ARRAY(SELECT response FROM k ORDER BY key_hash) \
+           FROM log_head h",
     )
     .bind(&stream_ids)
-    .fetch_all(&mut *tx)
-    .await?
-    .into_iter()
-    .collect();
-
-    let key_hashes: Vec<Vec<u8>> = requests
-        .iter()
-        .filter_map(|r| r.idempotency.as_ref().map(|c| c.key_hash.to_vec()))
-        .collect();
-    let mut stored_keys: HashMap<Vec<u8>, (Vec<u8>, StoredResponse)> = HashMap::new();
-    if !key_hashes.is_empty() {
-        let rows: Vec<(Vec<u8>, Vec<u8>, i16, Value)> = sqlx::query_as(
-            "SELECT key_hash, request_hmac, status, response FROM idempotency_keys \
-             WHERE key_hash = ANY($1)",
-        )
-        .bind(&key_hashes)
-        .fetch_all(&mut *tx)
-        .await?;
-        for (key, hmac, status, body) in rows {
-            let status = u16::try_from(status).unwrap_or(500);
-            stored_keys.insert(key, (hmac, StoredResponse { status, body }));
-        }
-    }
-
-    // Decide which commands go in. Slot changes can fail one command; when they do, that command
-    // is dropped and the rest re-checked from scratch, since a later command's version check may
-    // have counted on the dropped one's events.
-    let mut slot_refused: HashSet<usize> = HashSet::new();
-    let plan = loop {
-        let plan = plan_batch(requests, &stored_versions, &stored_keys, &slot_refused);
-        let changes: Vec<(usize, SlotChange)> = plan
-            .accepted
-            .iter()
-            .filter_map(|&i| requests[i].slot.map(|c| (i, c)))
-            .collect();
-        if changes.is_empty() {
-            break plan;
-        }
-        sqlx::query("SAVEPOINT slots").execute(&mut *tx).await?;
-        let held = apply_slot_changes(&mut tx, &changes).await?;
-        if held.iter().all(|h| *h) {
-            sqlx::query("RELEASE SAVEPOINT slots")
-                .execute(&mut *tx)
-                .await?;
-            break plan;
-        }
-        sqlx::query("ROLLBACK TO SAVEPOINT slots")
-            .execute(&mut *tx)
-            .await?;
-        for ((i, _), ok) in changes.iter().zip(held) {
-            if !ok {
-                slot_refused.insert(*i);
-            }
-        }
-    };
-
-    if plan.accepted.is_empty() {
-        tx.rollback().await?;
-        return Ok(plan.into_verdicts());
-    }
-
-    let mut rows = EventRows::default();
-    let mut idem = IdempotencyRows::default();
-    let mut position = head_position;
-    let mut chain: [u8; 32] = head_hash.try_into().unwrap_or([0; 32]);
-    let recorded_at = now_micros().max(head_time);
-    let mut versions = stored_versions.clone();
-    let mut verdicts = plan.verdicts;
-    let mut responses: HashMap<usize, StoredResponse> = HashMap::new();
-    for &i in &plan.accepted {
-        let request = requests[i];
-        let metadata = serde_json::to_value(&request.metadata).unwrap_or(Value::Null);
-        let first_position = position + 1;
-        let mut after = Vec::with_capacity(request.streams.len());
-        for stream in &request.streams {
-            let version = versions.entry(stream.stream_id.clone()).or_insert(0);
-            for event in &stream.events {
-                position += 1;
-                *version += 1;
-                let leaf = leaf_hash(&HashedRow {
-                    global_position: position,
-                    event_id: event.event_id,
-                    stream_id: &stream.stream_id,
-                    stream_version: *version,
-                    event_type: event.event_type,
-                    schema_version: event.schema_version,
-                    payload: &event.payload,
-                    metadata: &metadata,
-                    recorded_at,
-                });
-                chain = entry_hash(&chain, &leaf);
-                rows.push(
-                    position,
-                    event,
-                    &stream.stream_id,
-                    *version,
-                    &metadata,
-                    recorded_at,
-                    leaf,
-                    chain,
-                );
-            }
-            after.push((stream.stream_id.clone(), *version));
-        }
-        let appended = Appended {
-            versions: after,
-            first_position,
-            last_position: position,
-            recorded_at,
-        };
-        let response = request.idempotency.as_ref().map(|claim| {
-            let response = (claim.respond)(&appended);
-            idem.push(claim, &response, position);
-            responses.insert(i, response.clone());
-            response
-        });
-        verdicts[i] = Some(Ok(AppendOutcome::Appended(appended, response)));
-    }
-    for (i, first) in plan.duplicates {
-        verdicts[i] = Some(match responses.get(&first) {
-            Some(r) => Ok(AppendOutcome::Replayed(r.clone())),
-            None => Err(AppendError::IdempotencyKeyReuse),
-        });
-    }
-
-    sqlx::query(
-        "WITH appended AS ( \
-             INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type, \
-                                 schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash) \
-             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], \
-                                  $6::int[], $7::jsonb[], $8::jsonb[], $9::timestamptz[], \
-                                  $10::bytea[], $11::bytea[])), \
-         remembered AS ( \
-             INSERT INTO idempotency_keys (key_hash, request_hmac, status, response, position) \
-             SELECT * FROM unnest($12::bytea[], $13::bytea[], $14::smallint[], $15::jsonb[], \
-                                  $16::bigint[])) \
-         UPDATE log_head SET position = $17, entry_hash = $18, recorded_at = $19 \
-         RETURNING pg_notify('ledger_log', $17::text)",
-    )
-    .bind(&rows.positions)
-    .bind(&rows.event_ids)
-    .bind(&rows.stream_ids)
-    .bind(&rows.versions)
-    .bind(&rows.types)
-    .bind(&rows.schema_versions)
-    .bind(&rows.payloads)
-    .bind(&rows.metadata)
-    .bind(&rows.recorded_at)
-    .bind(&rows.leaf_hashes)
-    .bind(&rows.entry_hashes)
-    .bind(&idem.key_hashes)
-    .bind(&idem.hmacs)
-    .bind(&idem.statuses)
-    .bind(&idem.responses)
-    .bind(&idem.positions)
-    .bind(position)
-    .bind(chain.to_vec())
-    .bind(recorded_at)
-    .execute(&mut *tx)
+    .bind(&key_hashes)
+    .fetch_one(&mut *conn)
     .await?;
-    tx.commit().await?;
-    Ok(verdicts
-        .into_iter()
-        .map(|v| v.unwrap_or(Err(AppendError::Closed)))
-        .collect())
+    let (position, hash, time, streams, versions, keys, hmacs, statuses, responses) = row;
+    let mut stored_keys = HashMap::new();
+    for (((key, hmac), status), body) in keys.into_iter().zip(hmacs).zip(statuses).zip(responses) {
+        let status = u16::try_from(status).unwrap_or(500);
+        stored_keys.insert(key, (hmac, StoredResponse { status, body }));
+    }
+    Ok(Snapshot {
+        head_position: position,
+        head_hash: hash.try_into().unwrap_or([0; 32]),
+        head_time: time,
+        versions: streams.into_iter().zip(versions).collect(),
+        keys: stored_keys,
+    })
 }
 
-/// Timestamps are stored in microseconds (Postgres' precision), so the hashed value is the stored one.
-fn now_micros() -> DateTime<Utc> {
-    let now = Utc::now();
-    now.duration_trunc(TimeDelta::microseconds(1))
-        .unwrap_or(now)
+/// What the writer believes about the log between batches: the head it last wrote and the
+/// versions of streams it recently wrote. Exact while this process is the only writer; when it is
+/// not, `append_batch` notices and the writer re-reads.
+#[derive(Default)]
+struct Knowledge {
+    head: Option<(i64, [u8; 32], DateTime<Utc>)>,
+    versions: HashMap<String, i64>,
 }
 
-async fn apply_slot_changes(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    changes: &[(usize, SlotChange)],
-) -> Result<Vec<bool>, sqlx::Error> {
-    let mut kinds = Vec::with_capacity(changes.len());
-    let mut bookings = Vec::with_capacity(changes.len());
-    let mut resources: Vec<Option<Uuid>> = Vec::with_capacity(changes.len());
-    let mut starts: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(changes.len());
-    let mut ends: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(changes.len());
-    for (_, change) in changes {
-        let (kind, booking, resource, slot) = match *change {
+/// Bounds the version cache; past it the cache starts over (a miss costs one read, not a bug).
+const MAX_KNOWN_STREAMS: usize = 200_000;
+
+impl Knowledge {
+    fn forget(&mut self) {
+        self.head = None;
+        self.versions.clear();
+    }
+}
+
+/// Plans and commits one batch. In the steady state that is a single round trip (`append_batch`);
+/// a read is added when the writer lacks knowledge (first batch, a stream appended to with
+/// `Any` it has not seen) or when `append_batch` finds a belief stale.
+async fn write_batch(
+    conn: &mut PgConnection,
+    known: &mut Knowledge,
+    requests: &[&AppendRequest],
+) -> Result<Verdicts, sqlx::Error> {
+    let metadata: Vec<Value> = requests
+        .iter()
+        .map(|r| serde_json::to_value(&r.metadata).unwrap_or(Value::Null))
+        .collect();
+    let t0 = std::time::Instant::now();
+    // Beliefs for this batch: the version of each stream it touches, and the stored keys.
+    let mut assumed: HashMap<String, i64> = HashMap::new();
+    let mut need_read = known.head.is_none();
+    for stream in requests.iter().flat_map(|r| &r.streams) {
+        if assumed.contains_key(&stream.stream_id) {
+            continue;
+        }
+        let belief = match (known.versions.get(&stream.stream_id), stream.expected) {
+            (Some(v), _) => Some(*v),
+            (None, ExpectedVersion::NoStream) => Some(0),
+            // The handler just read the stream at this version: likely still true.
+            (None, ExpectedVersion::Exact(v)) => Some(v),
+            (None, ExpectedVersion::Any) => None,
+        };
+        match belief {
+            Some(v) => {
+                assumed.insert(stream.stream_id.clone(), v);
+            }
+            None => need_read = true,
+        }
+    }
+    let mut stored_keys: HashMap<Vec<u8>, (Vec<u8>, StoredResponse)> = HashMap::new();
+    let mut read_done = false;
+    let mut slot_refused: HashSet<usize> = HashSet::new();
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        if need_read {
+            let snapshot = read_snapshot(conn, requests).await?;
+            known.head = Some((
+                snapshot.head_position,
+                snapshot.head_hash,
+                snapshot.head_time,
+            ));
+            assumed = requests
+                .iter()
+                .flat_map(|r| &r.streams)
+                .map(|s| {
+                    let v = snapshot.versions.get(&s.stream_id).copied().unwrap_or(0);
+                    (s.stream_id.clone(), v)
+                })
+                .collect();
+            stored_keys = snapshot.keys;
+            need_read = false;
+            read_done = true;
+        }
+        let Some((head_position, head_hash, head_time)) = known.head else {
+            need_read = true;
+            continue;
+        };
+        let plan = plan_batch(requests, &assumed, &stored_keys, &slot_refused);
+        // A refusal must rest on what the database says, not on a belief.
+        let refuses = plan.verdicts.iter().flatten().any(|v| {
+            matches!(
+                v,
+                Err(AppendError::VersionConflict { .. }) | Err(AppendError::IdempotencyKeyReuse)
+            )
+        });
+        if refuses && !read_done {
+            need_read = true;
+            continue;
+        }
+        if plan.accepted.is_empty() {
+            return Ok(plan.into_verdicts());
+        }
+        let mut rows = EventRows::default();
+        let mut idem = IdempotencyRows::default();
+        let mut slots = SlotRows::default();
+        let mut position = head_position;
+        let mut chain = head_hash;
+        let recorded_at = now_micros().max(head_time);
+        let mut versions = assumed.clone();
+        let mut verdicts = plan.verdicts;
+        let mut responses: HashMap<usize, StoredResponse> = HashMap::new();
+        for &i in &plan.accepted {
+            let request = requests[i];
+            let first_position = position + 1;
+            let mut after = Vec::with_capacity(request.streams.len());
+            for stream in &request.streams {
+                let version = versions.entry(stream.stream_id.clone()).or_insert(0);
+                for event in &stream.events {
+                    position += 1;
+                    *version += 1;
+                    let leaf = leaf_hash(&HashedRow {
+                        global_position: position,
+                        event_id: event.event_id,
+                        stream_id: &stream.stream_id,
+                        stream_version: *version,
+                        event_type: event.event_type,
+                        schema_version: event.schema_version,
+                        payload: &event.payload,
+                        metadata: &metadata[i],
+                        recorded_at,
+                    });
+                    chain = entry_hash(&chain, &leaf);
+                    rows.push(
+                        position,
+                        event,
+                        &stream.stream_id,
+                        *version,
+                        &metadata[i],
+                        recorded_at,
+                        leaf,
+                        chain,
+                    );
+                }
+                after.push((stream.stream_id.clone(), *version));
+            }
+            if let Some(change) = request.slot {
+                slots.push(i, change);
+            }
+            let appended = Appended {
+                versions: after,
+                first_position,
+                last_position: position,
+                recorded_at,
+            };
+            let response = request.idempotency.as_ref().map(|claim| {
+                let response = (claim.respond)(&appended);
+                idem.push(claim, &response, position);
+                responses.insert(i, response.clone());
+                response
+            });
+            verdicts[i] = Some(Ok(AppendOutcome::Appended(appended, response)));
+        }
+        for &(i, first) in &plan.duplicates {
+            verdicts[i] = Some(match responses.get(&first) {
+                Some(r) => Ok(AppendOutcome::Replayed(r.clone())),
+                None => Err(AppendError::IdempotencyKeyReuse),
+            });
+        }
+        let (check_streams, check_versions): (Vec<&str>, Vec<i64>) =
+            assumed.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+        let planned_micros = t0.elapsed().as_micros() as u64;
+        let (outcome, refused): (String, Vec<i32>) = sqlx::query_as(
+            "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
+             $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18, $19, $20, $21, $22, $23, \
+             $24, $25, $26, $27)",
+        )
+        .bind(head_position)
+        .bind(&check_streams)
+        .bind(&check_versions)
+        .bind(position)
+        .bind(chain.as_slice())
+        .bind(recorded_at)
+        .bind(&slots.kinds)
+        .bind(&slots.bookings)
+        .bind(&slots.resources)
+        .bind(&slots.starts)
+        .bind(&slots.ends)
+        .bind(&rows.positions)
+        .bind(&rows.event_ids)
+        .bind(&rows.stream_ids)
+        .bind(&rows.versions)
+        .bind(&rows.types)
+        .bind(&rows.schema_versions)
+        .bind(&rows.payloads)
+        .bind(&rows.metadata)
+        .bind(&rows.recorded_at)
+        .bind(&rows.leaf_hashes)
+        .bind(&rows.entry_hashes)
+        .bind(&idem.key_hashes)
+        .bind(&idem.hmacs)
+        .bind(&idem.statuses)
+        .bind(&idem.responses)
+        .bind(&idem.positions)
+        .fetch_one(&mut *conn)
+        .await?;
+        tracing::trace!(
+            rounds,
+            read_done,
+            planned_micros,
+            total_micros = t0.elapsed().as_micros() as u64,
+            commands = requests.len(),
+            events = rows.positions.len(),
+            outcome,
+            "append batch"
+        );
+        match outcome.as_str() {
+            "appended" => {
+                known.head = Some((position, chain, recorded_at));
+                if known.versions.len() > MAX_KNOWN_STREAMS {
+                    known.versions.clear();
+                }
+                known.versions.extend(versions);
+                return Ok(verdicts
+                    .into_iter()
+                    .map(|v| v.unwrap_or(Err(AppendError::Closed)))
+                    .collect());
+            }
+            "slots-refused" => {
+                for index in refused {
+                    // Postgres arrays are 1-based.
+                    let k = usize::try_from(index).unwrap_or(0).saturating_sub(1);
+                    if let Some(&i) = slots.requests.get(k) {
+                        slot_refused.insert(i);
+                    }
+                }
+            }
+            _ => {
+                tracing::debug!("a belief about the log was stale; reading and planning again");
+                known.forget();
+                need_read = true;
+            }
+        }
+    }
+}
+
+/// Slot changes of a batch as column arrays, with the request each belongs to.
+#[derive(Default)]
+struct SlotRows {
+    requests: Vec<usize>,
+    kinds: Vec<&'static str>,
+    bookings: Vec<Uuid>,
+    resources: Vec<Option<Uuid>>,
+    starts: Vec<Option<DateTime<Utc>>>,
+    ends: Vec<Option<DateTime<Utc>>>,
+}
+
+impl SlotRows {
+    fn push(&mut self, request: usize, change: SlotChange) {
+        let (kind, booking, resource, slot) = match change {
             SlotChange::Reserve {
                 booking_id,
                 resource_id,
@@ -454,22 +622,20 @@ async fn apply_slot_changes(
             } => ("move", booking_id, Some(resource_id), Some(slot)),
             SlotChange::Release { booking_id } => ("release", booking_id, None, None),
         };
-        kinds.push(kind);
-        bookings.push(booking);
-        resources.push(resource);
-        starts.push(slot.map(|s| s.starts_at));
-        ends.push(slot.map(|s| s.ends_at));
+        self.requests.push(request);
+        self.kinds.push(kind);
+        self.bookings.push(booking);
+        self.resources.push(resource);
+        self.starts.push(slot.map(|s| s.starts_at));
+        self.ends.push(slot.map(|s| s.ends_at));
     }
-    let (held,): (Vec<bool>,) =
-        sqlx::query_as("SELECT apply_slot_changes($1::text[], $2, $3, $4, $5)")
-            .bind(&kinds)
-            .bind(&bookings)
-            .bind(&resources)
-            .bind(&starts)
-            .bind(&ends)
-            .fetch_one(&mut **tx)
-            .await?;
-    Ok(held)
+}
+
+/// Timestamps are stored in microseconds (Postgres' precision), so the hashed value is the stored one.
+fn now_micros() -> DateTime<Utc> {
+    let now = Utc::now();
+    now.duration_trunc(TimeDelta::microseconds(1))
+        .unwrap_or(now)
 }
 
 /// Which requests of a batch go in, before positions are assigned.
