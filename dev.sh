@@ -620,7 +620,9 @@ cmd_run() {
     printf '\n%swarning:%s ledger token printed nothing\n' "$B" "$R" >&2
     printf '  export TOKEN=$(./dev.sh ledger token --sub dev-admin --role admin --ttl 12h)\n'
   fi
-  printf 'Try:\n  curl -H "Authorization: Bearer $TOKEN" http://%s:%s/v1/venues\n\n' "$host" "$port"
+  printf 'Try (book Table 2 of the demo venue):\n'
+  printf '  curl -X POST http://%s:%s/v1/bookings -H "Authorization: Bearer $TOKEN" \\\n' "$host" "$port"
+  printf '    -H "Content-Type: application/json" -d %s\n\n' "'{\"venue_id\": \"01930000-0000-7000-8000-000000000001\", \"resource_id\": \"01930000-0000-7000-8000-000000000012\", \"starts_at\": \"2030-06-01T19:00:00+02:00\", \"ends_at\": \"2030-06-01T21:00:00+02:00\", \"party_size\": 3, \"customer\": {\"name\": \"Ada Lovelace\", \"email\": \"ada@example.org\"}}'"
   info "ledger serve on $LISTEN (Ctrl-C stops the server; Postgres and NATS keep running: ./dev.sh stop)"
   exec "$bin" serve "$@"
 }

@@ -193,7 +193,9 @@ pub enum BookingCommand<'a> {
     MarkNoShow,
 }
 
-fn check_party(
+/// The rules a request checks against the venue: the resource exists and the party fits it.
+/// Public so the edge can refuse before minting anything for the request.
+pub fn check_party(
     venue: &Venue,
     resource_id: ResourceId,
     party_size: i64,

@@ -233,6 +233,8 @@ pub async fn request(
             let venue = venue.ok_or_else(|| ApiError::not_found("venue"))?;
             let slot = slot(req.starts_at, req.ends_at)?;
             let details = validate_customer(req.customer, req.notes)?;
+            // Refuse what the decider would refuse before minting a subject and key for it.
+            booking::check_party(&venue, ResourceId(req.resource_id), req.party_size)?;
             let subject = app
                 .vault
                 .subject_for_email(&details.email, cmd.auth.subject)

@@ -22,8 +22,10 @@ use uuid::Uuid;
 
 /// JSON bodies larger than this are refused (contract: 64 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-/// Optimistic races lost without `If-Match` are retried this many times before giving up.
-const MAX_ATTEMPTS: usize = 5;
+/// Optimistic races lost without `If-Match` are decided again on fresh state. Every lost round
+/// means another command on the stream won, so contention drains; the bound only guards against
+/// a bug looping forever.
+const MAX_ATTEMPTS: usize = 100;
 
 /// Request-scoped ids, set by the request-id middleware.
 #[derive(Clone, Copy, Debug)]
@@ -122,6 +124,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     } else {
         body
     };
+    // serde would bind a JSON array to a struct's fields by position; commands are objects.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::bad_request("body", "must be a JSON object"));
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -131,9 +137,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             .strip_prefix("missing field `")
             .and_then(|rest| rest.split('`').next());
         let field = match (path.as_str(), named) {
-            (".", Some(name)) => name.to_owned(),
+            ("." | "?", Some(name)) => name.to_owned(),
             (parent, Some(name)) => format!("{parent}.{name}"),
-            (".", None) => "body".to_owned(),
+            // `?` is serde_path_to_error's "somewhere unknown", e.g. a body cut short.
+            ("." | "?", None) => "body".to_owned(),
             (path, None) => path.to_owned(),
         };
         ApiError::bad_request(field, message)
@@ -323,12 +330,25 @@ impl AppState {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let decision = decide(Attempt {
+            let decision = match decide(Attempt {
                 auth: incoming.auth.clone(),
                 body: body.clone(),
                 if_match,
             })
-            .await?;
+            .await
+            {
+                Ok(d) => d,
+                Err(refusal) => {
+                    // A retry may decide after its first attempt committed (e.g. "already
+                    // confirmed"): under the same key, that first answer is the answer.
+                    if let Some((key_hash, request_hmac)) = &claim {
+                        if let Some(stored) = self.stored_response(key_hash, request_hmac).await? {
+                            return Ok(Accepted(stored));
+                        }
+                    }
+                    return Err(refusal);
+                }
+            };
             let (id, stream, status, extra) = (
                 decision.id,
                 decision.stream.clone(),
@@ -357,12 +377,20 @@ impl AppState {
                 Err(AppendError::VersionConflict {
                     stream_id, actual, ..
                 }) => {
-                    if if_match.is_some() || attempt >= MAX_ATTEMPTS {
+                    if if_match.is_some() {
                         return Err(ApiError::VersionConflict(format!(
                             "{stream_id} is now at version {actual}; reload and retry"
                         )));
                     }
+                    if attempt >= MAX_ATTEMPTS {
+                        return Err(ApiError::Unexpected(anyhow::anyhow!(
+                            "gave up after {attempt} lost optimistic races on {stream_id}"
+                        )));
+                    }
                     tracing::debug!(attempt, "optimistic race lost; deciding again");
+                    // A little jitter keeps a crowd of retries from landing in lockstep.
+                    let pause = rand::random::<u64>() % (1 + 2 * attempt as u64);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
                 Err(AppendError::SlotUnavailable) => {
                     return Err(ApiError::SlotUnavailable(

@@ -16,7 +16,10 @@ pub struct TestApp {
     pub pool: PgPool,
     pub jwt: JwtKeys,
     pub webhook_secret: Vec<u8>,
+    /// Read by `tests/pii.rs` (pg_dump), which shares this file.
+    #[allow(dead_code)]
     pub database_url: String,
+    #[allow(dead_code)]
     pub db_name: String,
     shutdown: CancellationToken,
 }
@@ -286,4 +289,146 @@ pub fn booking_body(venue: Uuid, resource: Uuid, start: u32, end: u32, email: &s
         "customer": {"name": "Grace Hopper", "email": email, "phone": "+1 555 0100"},
         "notes": "window seat"
     })
+}
+
+impl Answer {
+    /// Asserts a problem answer: status, `application/problem+json` and the slug of its `type`.
+    pub fn assert_problem(&self, status: u16, slug: &str) {
+        assert_eq!((self.status, self.problem()), (status, slug), "{self:?}");
+        assert_eq!(self.body["status"], status, "problem body status: {self:?}");
+        assert!(self.body["title"].is_string(), "problem title: {self:?}");
+        assert!(self.body["detail"].is_string(), "problem detail: {self:?}");
+    }
+
+    /// The `field` a validation problem names.
+    pub fn field(&self) -> &str {
+        self.body["field"].as_str().unwrap_or("")
+    }
+}
+
+/// A request body and how to send it, for the requests `post` cannot express.
+pub struct Raw<'a> {
+    pub token: Option<&'a str>,
+    pub content_type: Option<&'a str>,
+    pub body: Vec<u8>,
+    pub headers: Vec<(&'a str, String)>,
+}
+
+impl TestApp {
+    /// Runs `request` and asserts it is refused with `status` and `slug` and appends no domain
+    /// event (a `CommandAudited` record of the refusal is allowed).
+    pub async fn refused(
+        &self,
+        request: impl std::future::Future<Output = Answer>,
+        status: u16,
+        slug: &str,
+    ) -> Answer {
+        let before = self.count_domain_events().await;
+        let answer = request.await;
+        answer.assert_problem(status, slug);
+        assert_eq!(
+            self.count_domain_events().await,
+            before,
+            "a refused command appends no domain event: {answer:?}"
+        );
+        answer
+    }
+
+    /// A POST with full control over token, media type, bytes and headers.
+    pub async fn post_raw(&self, path: &str, raw: Raw<'_>) -> Answer {
+        let mut req = self
+            .client
+            .post(format!("{}{}", self.base, path))
+            .body(raw.body);
+        if let Some(t) = raw.token {
+            req = req.header("authorization", t);
+        }
+        if let Some(ct) = raw.content_type {
+            req = req.header("content-type", ct);
+        }
+        for (k, v) in raw.headers {
+            req = req.header(k, v);
+        }
+        self.send(req).await
+    }
+
+    /// The `sub` a token was minted for.
+    pub fn sub_of(&self, token: &Token) -> String {
+        self.jwt
+            .verify(&token.0)
+            .unwrap_or_else(|e| panic!("a test token does not verify: {e}"))
+            .sub
+    }
+
+    /// Signs arbitrary claims with the app's secret.
+    pub fn token_from(&self, claims: &Claims) -> Token {
+        Token(self.jwt.sign(claims).unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    pub async fn confirm(&self, token: &Token, booking: Uuid) -> Answer {
+        self.post(&format!("/v1/bookings/{booking}/confirm"), token, json!({}))
+            .await
+    }
+
+    /// Authorises `amount_minor` EUR as a deposit on `booking`.
+    pub async fn authorise(&self, token: &Token, booking: Uuid, amount_minor: i64) -> Answer {
+        self.post(
+            &format!("/v1/bookings/{booking}/payments"),
+            token,
+            json!({"amount_minor": amount_minor, "currency": "EUR", "kind": "deposit"}),
+        )
+        .await
+    }
+
+    /// A fresh venue, a pending booking of its table (18:00-20:00) and a staff token.
+    pub async fn booked(&self) -> (Uuid, Uuid, Uuid, Token) {
+        let (venue, table, _) = self.venue().await;
+        let staff = self.token(Role::Staff);
+        let b = self.book(&staff, venue, table, 18, 20).await;
+        assert_eq!(b.status, 201, "{b:?}");
+        (venue, table, b.id(), staff)
+    }
+
+    /// `Ledger-Signature` for `body` at unix time `t`, signed with `secret`.
+    pub fn signature_with(secret: &[u8], t: i64, body: &[u8]) -> String {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret)
+            .unwrap_or_else(|e| panic!("hmac key: {e}"));
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// `Ledger-Signature` for `body`, signed now with the app's webhook secret.
+    pub fn signature(&self, body: &[u8]) -> String {
+        Self::signature_with(&self.webhook_secret, chrono::Utc::now().timestamp(), body)
+    }
+
+    /// Delivers a provider event: no bearer token, only the signature header (if any).
+    pub async fn webhook(&self, body: &[u8], signature: Option<String>) -> Answer {
+        self.post_raw(
+            "/v1/webhooks/payments",
+            Raw {
+                token: None,
+                content_type: Some("application/json"),
+                body: body.to_vec(),
+                headers: signature
+                    .map(|s| vec![("ledger-signature", s)])
+                    .unwrap_or_default(),
+            },
+        )
+        .await
+    }
+
+    /// Every stored event of a type: (stream, payload, metadata), in log order.
+    pub async fn events_of(&self, event_type: &str) -> Vec<(String, Value, Value)> {
+        sqlx::query_as(
+            "SELECT stream_id, payload, metadata FROM events WHERE event_type = $1 \
+             ORDER BY global_position",
+        )
+        .bind(event_type)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_else(|e| panic!("reading {event_type} events: {e}"))
+    }
 }

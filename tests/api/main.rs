@@ -1,6 +1,15 @@
 //! End-to-end tests through HTTP against real Postgres: one binary, one database per test.
 
+mod audit;
+mod auth;
 mod bookings;
 mod concurrency;
+mod conditional;
+mod errors;
 mod helpers;
+mod idempotency;
+mod lifecycle;
 mod log;
+mod payments;
+mod races;
+mod webhook;
