@@ -76,7 +76,11 @@ CREATE INDEX idempotency_keys_created_at ON idempotency_keys (created_at);
 -- new. It learns these from its own previous commits, or from one read when it does not know.
 -- Here, under the head row lock, every belief is checked; if one is wrong (another process
 -- appended, or a cached version is stale) nothing is written and the writer re-reads and plans
--- again. Slot changes are applied in order; if any is refused, the whole batch is undone and the
+-- again. Most beliefs are checked by the unique constraints themselves: a writer never believes
+-- a stream is further along than it is (versions only grow), so inserting the version after the
+-- believed one collides exactly when the belief is stale. Only streams the batch merely requires
+-- at a version (no event appended) are looked up, and the batch's idempotency keys.
+-- Slot changes are applied in order; if any is refused, the whole batch is undone and the
 -- refused indexes returned, so the writer can drop those commands and plan again.
 CREATE FUNCTION append_batch(
     expected_head    bigint,
@@ -122,13 +126,16 @@ BEGIN
     IF EXISTS (SELECT 1 FROM unnest(check_streams, check_versions) AS c(stream, version)
                 WHERE coalesce((SELECT max(stream_version) FROM events e
                                  WHERE e.stream_id = c.stream), 0) <> c.version)
-       OR EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = ANY(idem_keys)) THEN
+       -- Before slots: a retry must be answered as a replay, not as its own slot conflict.
+       OR (coalesce(array_length(idem_keys, 1), 0) > 0
+           AND EXISTS (SELECT 1 FROM idempotency_keys WHERE key_hash = ANY(idem_keys))) THEN
         outcome := 'stale';
         RETURN;
     END IF;
-    -- Only batches with slot changes pay for a subtransaction: it undoes them when one is refused.
-    IF coalesce(array_length(slot_kinds, 1), 0) > 0 THEN
-        BEGIN
+    -- One subtransaction for the batch: undone as a whole when a slot is refused or a belief
+    -- turns out stale.
+    BEGIN
+        IF coalesce(array_length(slot_kinds, 1), 0) > 0 THEN
             SELECT array_agg(i) INTO refused
               FROM unnest(apply_slot_changes(slot_kinds, slot_bookings, slot_resources,
                                              slot_starts, slot_ends)) WITH ORDINALITY AS r(held, i)
@@ -136,18 +143,24 @@ BEGIN
             IF refused IS NOT NULL THEN
                 RAISE EXCEPTION USING ERRCODE = 'LG001';
             END IF;
-        EXCEPTION WHEN SQLSTATE 'LG001' THEN
+            refused := '{}';
+        END IF;
+        INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
+                            schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash)
+        SELECT * FROM unnest(ev_positions, ev_ids, ev_streams, ev_versions, ev_types, ev_schema,
+                             ev_payloads, ev_metadata, ev_recorded_at, ev_leaf_hashes,
+                             ev_entry_hashes);
+        INSERT INTO idempotency_keys (key_hash, request_hmac, status, response, position)
+        SELECT * FROM unnest(idem_keys, idem_hmacs, idem_statuses, idem_responses, idem_positions);
+    EXCEPTION
+        WHEN SQLSTATE 'LG001' THEN
             outcome := 'slots-refused';
             RETURN;
-        END;
-        refused := '{}';
-    END IF;
-    INSERT INTO events (global_position, event_id, stream_id, stream_version, event_type,
-                        schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash)
-    SELECT * FROM unnest(ev_positions, ev_ids, ev_streams, ev_versions, ev_types, ev_schema,
-                         ev_payloads, ev_metadata, ev_recorded_at, ev_leaf_hashes, ev_entry_hashes);
-    INSERT INTO idempotency_keys (key_hash, request_hmac, status, response, position)
-    SELECT * FROM unnest(idem_keys, idem_hmacs, idem_statuses, idem_responses, idem_positions);
+        WHEN unique_violation THEN
+            refused := '{}';
+            outcome := 'stale';
+            RETURN;
+    END;
     UPDATE log_head SET position = new_head, entry_hash = new_entry_hash,
                         recorded_at = new_recorded_at;
     PERFORM pg_notify('ledger_log', new_head::text);

@@ -192,7 +192,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         piped.push((w, f));
     }
     if args.http_clients > 0 {
-        let f = http_bookings(&url, pool.clone(), args.http_clients, seconds).await?;
+        let f = http_bookings(&url, args.http_clients, seconds).await?;
         let base = piped.last().map(|(_, f)| f.rate()).unwrap_or(f64::NAN);
         let naive_base = naive.last().map(|(_, f)| f.rate()).unwrap_or(f64::NAN);
         println!(
@@ -360,12 +360,7 @@ async fn pipeline(pool: &PgPool, writers: usize, duration: Duration) -> anyhow::
     figure
 }
 
-async fn http_bookings(
-    url: &str,
-    pool: PgPool,
-    clients: usize,
-    duration: Duration,
-) -> anyhow::Result<Figure> {
+async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow::Result<Figure> {
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let settings = Settings {
         database_url: url.to_owned(),
@@ -375,6 +370,8 @@ async fn http_bookings(
         master_key: MasterKey::generate(),
         webhook_secret: b"bench".to_vec(),
     };
+    // Its own pool: shutting the app down closes the pool it was given.
+    let pool = connect(url, 16).await?;
     let app = Application::with_parts(pool, None, &settings).await?;
     let base = format!("http://{}", app.local_addr()?);
     let shutdown = tokio_util::sync::CancellationToken::new();

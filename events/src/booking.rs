@@ -744,3 +744,62 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod properties {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    fn slot(start: i64, len: i64) -> TimeSlot {
+        let base = Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0).single().unwrap();
+        TimeSlot {
+            starts_at: base + Duration::minutes(start),
+            ends_at: base + Duration::minutes(start + len),
+        }
+    }
+
+    proptest! {
+        /// `overlaps` is the half-open rule: some minute belongs to both slots.
+        #[test]
+        fn overlap_means_a_shared_minute(a in 0i64..600, la in 1i64..240, b in 0i64..600, lb in 1i64..240) {
+            let (x, y) = (slot(a, la), slot(b, lb));
+            let shared = (a..a + la).any(|m| (b..b + lb).contains(&m));
+            prop_assert_eq!(x.overlaps(&y), shared);
+            prop_assert_eq!(x.overlaps(&y), y.overlaps(&x));
+        }
+
+        /// No sequence of lifecycle commands leaves a final state (checked in, no-show, cancelled).
+        #[test]
+        fn final_states_are_final(tried in prop::collection::vec(0u8..4, 0..12)) {
+            let venue_id = VenueId::mint();
+            let mut state = Some(Booking {
+                id: BookingId::mint(),
+                venue_id,
+                resource_id: ResourceId::mint(),
+                slot: slot(0, 60),
+                party_size: 2,
+                subject_id: SubjectId::mint(),
+                status: BookingStatus::Pending,
+            });
+            for t in tried {
+                let before = state.clone().unwrap().status;
+                let cmd = match t {
+                    0 => BookingCommand::Confirm,
+                    1 => BookingCommand::Cancel { reason: None },
+                    2 => BookingCommand::CheckIn,
+                    _ => BookingCommand::MarkNoShow,
+                };
+                if let Ok(events) = decide(state.as_ref(), cmd) {
+                    prop_assert!(!matches!(before, BookingStatus::Cancelled | BookingStatus::NoShow | BookingStatus::CheckedIn));
+                    state = events.iter().fold(state, evolve);
+                }
+                let after = state.as_ref().unwrap().status;
+                if matches!(before, BookingStatus::Cancelled | BookingStatus::NoShow | BookingStatus::CheckedIn) {
+                    prop_assert_eq!(after, before);
+                }
+            }
+        }
+    }
+}

@@ -502,3 +502,73 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod properties {
+    use super::*;
+    use crate::booking::TimeSlot;
+    use crate::ids::{ResourceId, SubjectId};
+    use chrono::{Duration, Utc};
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Move {
+        Capture(Option<i64>),
+        Refund(i64),
+        Fail,
+    }
+
+    fn moves() -> impl Strategy<Value = Vec<Move>> {
+        prop::collection::vec(
+            prop_oneof![
+                prop::option::of(-100i64..6000).prop_map(Move::Capture),
+                (-100i64..6000).prop_map(Move::Refund),
+                Just(Move::Fail),
+            ],
+            0..24,
+        )
+    }
+
+    proptest! {
+        /// Whatever is tried, in whatever order: 0 <= refunded <= captured <= authorised, and a
+        /// refused command changes nothing.
+        #[test]
+        fn money_never_moves_beyond_what_was_authorised(authorised in 1i64..5000, tried in moves()) {
+            let now = Utc::now();
+            let booking = Booking {
+                id: BookingId::mint(),
+                venue_id: VenueId::mint(),
+                resource_id: ResourceId::mint(),
+                slot: TimeSlot { starts_at: now, ends_at: now + Duration::hours(1) },
+                party_size: 2,
+                subject_id: SubjectId::mint(),
+                status: BookingStatus::Confirmed,
+            };
+            let mut events = decide(None, PaymentCommand::Authorize {
+                payment_id: PaymentId::mint(),
+                booking: &booking,
+                kind: PaymentKind::Deposit,
+                amount_minor: authorised,
+                currency: "EUR".into(),
+            }).unwrap();
+            for m in tried {
+                let before = fold(&events).unwrap();
+                let cmd = match m {
+                    Move::Capture(a) => PaymentCommand::Capture { amount_minor: a, provider_event_id: None },
+                    Move::Refund(a) => PaymentCommand::Refund { amount_minor: a, provider_event_id: None },
+                    Move::Fail => PaymentCommand::Fail { provider_event_id: None },
+                };
+                match decide(Some(&before), cmd) {
+                    Ok(new) => events.extend(new),
+                    Err(_) => prop_assert_eq!(fold(&events).unwrap(), before),
+                }
+                let p = fold(&events).unwrap();
+                prop_assert!(0 <= p.refunded_minor);
+                prop_assert!(p.refunded_minor <= p.captured_minor);
+                prop_assert!(p.captured_minor <= p.authorised_minor);
+                prop_assert!(!(p.failed && p.captured_minor > 0));
+            }
+        }
+    }
+}

@@ -519,8 +519,12 @@ async fn write_batch(
                 None => Err(AppendError::IdempotencyKeyReuse),
             });
         }
-        let (check_streams, check_versions): (Vec<&str>, Vec<i64>) =
-            assumed.iter().map(|(s, v)| (s.as_str(), *v)).unzip();
+        // Streams that get events are checked by their unique version; the others are looked up.
+        let (check_streams, check_versions): (Vec<&str>, Vec<i64>) = assumed
+            .iter()
+            .filter(|(s, v)| versions.get(*s) == Some(*v))
+            .map(|(s, v)| (s.as_str(), *v))
+            .unzip();
         let planned_micros = t0.elapsed().as_micros() as u64;
         let (outcome, refused): (String, Vec<i32>) = sqlx::query_as(
             "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
@@ -720,29 +724,29 @@ fn plan_batch(
 
 /// Column arrays for one multi-row insert through `unnest`.
 #[derive(Default)]
-struct EventRows {
+struct EventRows<'a> {
     positions: Vec<i64>,
     event_ids: Vec<Uuid>,
     stream_ids: Vec<String>,
     versions: Vec<i64>,
     types: Vec<&'static str>,
     schema_versions: Vec<i32>,
-    payloads: Vec<Value>,
-    metadata: Vec<Value>,
+    payloads: Vec<&'a Value>,
+    metadata: Vec<&'a Value>,
     recorded_at: Vec<DateTime<Utc>>,
     leaf_hashes: Vec<Vec<u8>>,
     entry_hashes: Vec<Vec<u8>>,
 }
 
-impl EventRows {
+impl<'a> EventRows<'a> {
     #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         position: i64,
-        event: &NewEvent,
+        event: &'a NewEvent,
         stream_id: &str,
         version: i64,
-        metadata: &Value,
+        metadata: &'a Value,
         recorded_at: DateTime<Utc>,
         leaf: [u8; 32],
         entry: [u8; 32],
@@ -753,8 +757,8 @@ impl EventRows {
         self.versions.push(version);
         self.types.push(event.event_type);
         self.schema_versions.push(event.schema_version);
-        self.payloads.push(event.payload.clone());
-        self.metadata.push(metadata.clone());
+        self.payloads.push(&event.payload);
+        self.metadata.push(metadata);
         self.recorded_at.push(recorded_at);
         self.leaf_hashes.push(leaf.to_vec());
         self.entry_hashes.push(entry.to_vec());
