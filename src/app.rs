@@ -36,6 +36,24 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
         .context("applying migrations")
 }
 
+/// Connects to NATS, retrying until it answers or `shutdown` is cancelled: the relay has nothing
+/// to do without it, and nats-server may start after us.
+pub async fn connect_nats(
+    url: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<async_nats::Client> {
+    loop {
+        match async_nats::connect(url).await {
+            Ok(client) => return Ok(client),
+            Err(e) => tracing::warn!(error = %e, "NATS is not reachable yet (NATS_URL)"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => anyhow::bail!("shut down before NATS answered"),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
         let pool = connect(&settings.database_url, 32).await?;

@@ -7,6 +7,7 @@
 //! - [`config`]: environment and flags, validated at start (exit 2 naming the variable).
 //! - [`http`]: the axum API: auth, commands, errors as problem+json, operations endpoints.
 //! - [`store`]: the append pipeline (the only writer of `events`), the key vault, loading state.
+//! - [`relay`]: publishes the log to NATS JetStream, in order, from the stream's own tail.
 //! - [`app`]: wiring and graceful shutdown. [`seed`]: the demo venue. [`bench`]: benchmarks.
 //!
 //! It owns no read model: queries are the `ledger-projections` crate's, reading back the log is
@@ -16,6 +17,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod http;
+pub mod relay;
 pub mod seed;
 pub mod store;
 pub mod telemetry;

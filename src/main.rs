@@ -24,7 +24,7 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: ServeConfig,
-        /// Run only one part, so each can be scaled out on its own.
+        /// Run only one part, so each can be scaled out on its own (default: all).
         #[arg(long, value_enum)]
         only: Option<Part>,
     },
@@ -61,10 +61,12 @@ enum Command {
     Bench(ledger::bench::BenchArgs),
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Part {
     /// The HTTP API with its append pipeline.
     Api,
+    /// The relay from the log to NATS JetStream (one active, others stand by).
+    Relay,
 }
 
 fn config_error(e: ConfigError) -> ExitCode {
@@ -92,12 +94,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(s) => s,
                 Err(e) => return Ok(config_error(e)),
             };
-            let _ = only;
-            let app = ledger::app::Application::build(&settings).await?;
-            tracing::info!(addr = %app.local_addr()?, "serving");
             let shutdown = CancellationToken::new();
             ledger::app::shutdown_on_signals(shutdown.clone());
-            app.run(shutdown).await?;
+            let relay = if only.is_none() || only == Some(Part::Relay) {
+                let pool = ledger::app::connect(&settings.database_url, 4).await?;
+                let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
+                let relay = ledger::relay::Relay::new(pool, nats, Default::default());
+                Some(tokio::spawn(relay.run(shutdown.clone())))
+            } else {
+                None
+            };
+            if only.is_none() || only == Some(Part::Api) {
+                let app = ledger::app::Application::build(&settings).await?;
+                tracing::info!(addr = %app.local_addr()?, "serving");
+                app.run(shutdown.clone()).await?;
+                shutdown.cancel();
+            }
+            if let Some(relay) = relay {
+                relay.await??;
+            }
         }
         Command::Migrate { database } => {
             let url = match database.url() {

@@ -12,4 +12,5 @@ mod lifecycle;
 mod log;
 mod payments;
 mod races;
+mod relay;
 mod webhook;

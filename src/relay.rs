@@ -1,0 +1,233 @@
+//! The relay: publishes the log to NATS JetStream, in order and without loss.
+//!
+//! Postgres is the source of truth; the relay is the only publisher (the request path never
+//! writes to NATS). One relay is active at a time: it holds a Postgres advisory lock, others wait
+//! as hot standbys. It does not keep a private cursor: the stream's own last sequence *is* the
+//! cursor, because every event is published with `Nats-Expected-Last-Sequence = position - 1`, so
+//! the stream sequence equals the global position. A tail the stream lost is therefore simply
+//! republished, and a publish refused for a wrong last sequence means "re-read the tail".
+//! `Nats-Msg-Id = event_id` lets the stream drop a duplicate inside its window.
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::{self, stream, Context};
+use ledger_events::envelope::RecordedEvent;
+use ledger_events::ids::Category;
+use serde_json::json;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Where the relay publishes. Tests give each run its own stream and subject prefix.
+#[derive(Clone, Debug)]
+pub struct RelayConfig {
+    pub stream: String,
+    /// Subjects are `<prefix>.<category>`.
+    pub subject_prefix: String,
+    /// Events read and published per round.
+    pub batch: i64,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            stream: "LEDGER".into(),
+            subject_prefix: "ledger.events".into(),
+            batch: 512,
+        }
+    }
+}
+
+/// Identifies the relay's advisory lock among the database's (arbitrary, fixed).
+const RELAY_LOCK: i64 = 0x6c65_6467_6572_0001;
+/// The longest a missed notification can delay publishing.
+const POLL: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("reading the log: {0}")]
+    Read(#[from] ledger_replay::ReadError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("JetStream stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("publishing position {position}: {reason}")]
+    Publish { position: i64, reason: String },
+}
+
+pub struct Relay {
+    pool: PgPool,
+    js: Context,
+    config: RelayConfig,
+}
+
+impl Relay {
+    pub fn new(pool: PgPool, nats: async_nats::Client, config: RelayConfig) -> Self {
+        Relay {
+            pool,
+            js: jetstream::new(nats),
+            config,
+        }
+    }
+
+    /// The stream, created if missing: file storage, no age or size limits, no deletes or purges
+    /// (the stream is a copy of an immutable log), a duplicate window for republished batches.
+    pub async fn ensure_stream(&self) -> Result<stream::Stream, RelayError> {
+        let config = stream::Config {
+            name: self.config.stream.clone(),
+            subjects: vec![format!("{}.>", self.config.subject_prefix)],
+            storage: stream::StorageType::File,
+            retention: stream::RetentionPolicy::Limits,
+            deny_delete: true,
+            deny_purge: true,
+            duplicate_window: Duration::from_secs(120),
+            allow_direct: true,
+            ..Default::default()
+        };
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| RelayError::Stream {
+                stream: self.config.stream.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// The stream's last sequence: the position of the last event it holds.
+    pub async fn published_position(&self) -> Result<i64, RelayError> {
+        let mut stream = self.ensure_stream().await?;
+        let info = stream.info().await.map_err(|e| RelayError::Stream {
+            stream: self.config.stream.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(i64::try_from(info.state.last_sequence).unwrap_or(i64::MAX))
+    }
+
+    /// Publishes everything the stream does not hold yet; returns how many events it published.
+    /// Tests call this to drain the relay instead of sleeping.
+    pub async fn publish_pending(&self) -> Result<u64, RelayError> {
+        let mut published = 0;
+        let mut tail = self.published_position().await?;
+        loop {
+            let events = ledger_replay::read_all(&self.pool, tail, self.config.batch).await?;
+            let Some(last) = events.last().map(|e| e.global_position) else {
+                return Ok(published);
+            };
+            // Send the whole batch, then await the acks in order: one round trip per batch.
+            let mut acks = Vec::with_capacity(events.len());
+            for event in &events {
+                let publish = self.message(event);
+                let ack = self
+                    .js
+                    .send_publish(self.subject(event), publish)
+                    .await
+                    .map_err(|e| RelayError::Publish {
+                        position: event.global_position,
+                        reason: e.to_string(),
+                    })?;
+                acks.push((event.global_position, ack));
+            }
+            let mut refused = false;
+            for (position, ack) in acks {
+                match ack.await {
+                    Ok(_) => published += 1,
+                    // Someone else (a previous leader) published meanwhile, or the stream lost
+                    // its tail: either way the stream's last sequence is the truth.
+                    Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                        tracing::debug!(position, "stream tail moved; re-reading it");
+                        refused = true;
+                        break;
+                    }
+                    Err(e) => {
+                        return Err(RelayError::Publish {
+                            position,
+                            reason: e.to_string(),
+                        })
+                    }
+                }
+            }
+            tail = if refused {
+                self.published_position().await?
+            } else {
+                last
+            };
+        }
+    }
+
+    fn subject(&self, event: &RecordedEvent) -> String {
+        let category = Category::of_stream(&event.stream_id)
+            .map(Category::as_str)
+            .unwrap_or("other");
+        format!("{}.{category}", self.config.subject_prefix)
+    }
+
+    fn message(&self, event: &RecordedEvent) -> jetstream::context::Publish {
+        let body = json!({
+            "position": event.global_position,
+            "event_id": event.event_id,
+            "stream": event.stream_id,
+            "version": event.stream_version,
+            "type": event.event_type,
+            "schema_version": event.schema_version,
+            "recorded_at": event.recorded_at,
+            "data": event.payload,
+            "metadata": event.metadata,
+        });
+        let expected = u64::try_from(event.global_position - 1).unwrap_or(0);
+        jetstream::context::Publish::build()
+            .payload(body.to_string().into())
+            .message_id(event.event_id.to_string())
+            .expected_last_sequence(expected)
+            .header(
+                "Ledger-Position",
+                event.global_position.to_string().as_str(),
+            )
+    }
+
+    /// Runs until `shutdown`: waits for leadership, then publishes whenever the log moves
+    /// (LISTEN `ledger_log`), with a short poll covering lost notifications.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        // The lock lives as long as this connection: if the process dies, Postgres releases it
+        // and a standby takes over.
+        let mut leader = self.pool.acquire().await?;
+        loop {
+            let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
+                .bind(RELAY_LOCK)
+                .fetch_one(&mut *leader)
+                .await?;
+            if got {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        tracing::info!(stream = %self.config.stream, "relay is the active publisher");
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("ledger_log").await?;
+        loop {
+            match self.publish_pending().await {
+                Ok(n) if n > 0 => tracing::debug!(published = n, "relay published"),
+                Ok(_) => {}
+                // NATS or Postgres away: keep the lock, try again shortly.
+                Err(e) => tracing::warn!(error = %e, "relay round failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                notified = listener.recv() => {
+                    if notified.is_err() {
+                        // Postgres is away; PgListener reconnects on the next call.
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(RELAY_LOCK)
+            .execute(&mut *leader)
+            .await;
+        Ok(())
+    }
+}
