@@ -79,7 +79,11 @@ impl Application {
             .with_context(|| format!("binding {}", settings.listen))?;
         let keyring = Arc::new(Keyring::derive(&settings.master_key));
         let (appender, writer) = Appender::spawn(pool.clone());
+        let read_position = http::queries::ReadPosition::start(pool.clone())
+            .await
+            .context("listening for projection progress")?;
         let state = AppState {
+            read_position,
             vault: KeyVault::new(pool.clone(), keyring),
             pool,
             appender,

@@ -67,6 +67,8 @@ enum Part {
     Api,
     /// The relay from the log to NATS JetStream (one active, others stand by).
     Relay,
+    /// The projection workers that build the read models from JetStream.
+    Projector,
 }
 
 fn config_error(e: ConfigError) -> ExitCode {
@@ -104,14 +106,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
+            let projector = if only.is_none() || only == Some(Part::Projector) {
+                let pool = ledger::app::connect(&settings.database_url, 4).await?;
+                let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
+                let worker = ledger_projections::worker::Worker::new(
+                    pool,
+                    nats,
+                    "LEDGER",
+                    ledger_projections::booking_board::NAME,
+                );
+                Some(tokio::spawn(worker.run(shutdown.clone())))
+            } else {
+                None
+            };
             if only.is_none() || only == Some(Part::Api) {
                 let app = ledger::app::Application::build(&settings).await?;
                 tracing::info!(addr = %app.local_addr()?, "serving");
                 app.run(shutdown.clone()).await?;
                 shutdown.cancel();
             }
+            if only == Some(Part::Relay) || only == Some(Part::Projector) {
+                shutdown.cancelled().await;
+            }
             if let Some(relay) = relay {
                 relay.await??;
+            }
+            if let Some(projector) = projector {
+                projector.await??;
             }
         }
         Command::Migrate { database } => {

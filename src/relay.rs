@@ -10,9 +10,8 @@
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream, Context};
-use ledger_events::envelope::RecordedEvent;
+use ledger_events::envelope::{RecordedEvent, WireEvent};
 use ledger_events::ids::Category;
-use serde_json::json;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -162,20 +161,10 @@ impl Relay {
     }
 
     fn message(&self, event: &RecordedEvent) -> jetstream::context::Publish {
-        let body = json!({
-            "position": event.global_position,
-            "event_id": event.event_id,
-            "stream": event.stream_id,
-            "version": event.stream_version,
-            "type": event.event_type,
-            "schema_version": event.schema_version,
-            "recorded_at": event.recorded_at,
-            "data": event.payload,
-            "metadata": event.metadata,
-        });
+        let body = serde_json::to_vec(&WireEvent::from(event)).unwrap_or_default();
         let expected = u64::try_from(event.global_position - 1).unwrap_or(0);
         jetstream::context::Publish::build()
-            .payload(body.to_string().into())
+            .payload(body.into())
             .message_id(event.event_id.to_string())
             .expected_last_sequence(expected)
             .header(

@@ -163,3 +163,51 @@ mod tests {
         assert!(!ExpectedVersion::Exact(3).accepts(4));
     }
 }
+
+/// An event as published on NATS and served by `/v1/audit/log`: the stored row under the names
+/// the contract gives them. Personal fields inside `data` stay sealed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireEvent {
+    pub position: i64,
+    pub event_id: Uuid,
+    pub stream: String,
+    pub version: i64,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub schema_version: i32,
+    pub recorded_at: DateTime<Utc>,
+    pub data: Value,
+    pub metadata: Value,
+}
+
+impl From<&RecordedEvent> for WireEvent {
+    fn from(e: &RecordedEvent) -> Self {
+        WireEvent {
+            position: e.global_position,
+            event_id: e.event_id,
+            stream: e.stream_id.clone(),
+            version: e.stream_version,
+            event_type: e.event_type.clone(),
+            schema_version: e.schema_version,
+            recorded_at: e.recorded_at,
+            data: e.payload.clone(),
+            metadata: e.metadata.clone(),
+        }
+    }
+}
+
+impl From<WireEvent> for RecordedEvent {
+    fn from(e: WireEvent) -> Self {
+        RecordedEvent {
+            global_position: e.position,
+            event_id: e.event_id,
+            stream_id: e.stream,
+            stream_version: e.version,
+            event_type: e.event_type,
+            schema_version: e.schema_version,
+            payload: e.data,
+            metadata: e.metadata,
+            recorded_at: e.recorded_at,
+        }
+    }
+}

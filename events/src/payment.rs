@@ -89,19 +89,29 @@ pub struct Payment {
 impl Payment {
     /// A summary of where the money stands, for read models and answers.
     pub fn status(&self) -> &'static str {
-        if self.failed {
-            "failed"
-        } else if self.refunded_minor > 0 && self.refunded_minor == self.captured_minor {
-            "refunded"
-        } else if self.refunded_minor > 0 {
-            "partially_refunded"
-        } else if self.captured_minor > 0 && self.captured_minor == self.authorised_minor {
-            "captured"
-        } else if self.captured_minor > 0 {
-            "partially_captured"
-        } else {
-            "authorized"
-        }
+        status_of(
+            self.authorised_minor,
+            self.captured_minor,
+            self.refunded_minor,
+            self.failed,
+        )
+    }
+}
+
+/// Where a payment's money stands, from its amounts (what read models keep).
+pub fn status_of(authorised: i64, captured: i64, refunded: i64, failed: bool) -> &'static str {
+    if failed {
+        "failed"
+    } else if refunded > 0 && refunded == captured {
+        "refunded"
+    } else if refunded > 0 {
+        "partially_refunded"
+    } else if captured > 0 && captured == authorised {
+        "captured"
+    } else if captured > 0 {
+        "partially_captured"
+    } else {
+        "authorized"
     }
 }
 

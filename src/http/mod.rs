@@ -8,6 +8,7 @@ pub mod bookings;
 pub mod command;
 pub mod payments;
 pub mod problem;
+pub mod queries;
 pub mod venues;
 
 use crate::store::append::Appender;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub webhook_secret: Arc<Vec<u8>>,
     /// For readiness: NATS is the transport of the read side.
     pub nats: Option<async_nats::Client>,
+    /// How far the read model has applied the log: what `min_position` waits on.
+    pub read_position: queries::ReadPosition,
 }
 
 /// Parses a path id; a malformed one cannot name anything, so it is a 404 like an unknown one.
@@ -82,9 +85,18 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
-        .route("/venues", post(venues::register))
+        .route("/venues", post(venues::register).get(queries::list_venues))
+        .route("/venues/{venue_id}", get(queries::venue))
         .route("/venues/{venue_id}/resources", post(venues::add_resource))
-        .route("/bookings", post(bookings::request))
+        .route(
+            "/bookings",
+            post(bookings::request).get(queries::list_bookings),
+        )
+        .route("/bookings/{id}", get(queries::booking_detail))
+        .route(
+            "/customers/{subject_id}/bookings",
+            get(queries::customer_bookings),
+        )
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/reschedule", post(bookings::reschedule))
         .route("/bookings/{id}/cancel", post(bookings::cancel))

@@ -21,12 +21,42 @@ pub struct TestApp {
     pub database_url: String,
     #[allow(dead_code)]
     pub db_name: String,
+    /// This test's own JetStream stream, which its relay and projection worker use.
+    #[allow(dead_code)]
+    pub stream: String,
+    #[allow(dead_code)]
+    pub relay: ledger::relay::RelayConfig,
     shutdown: CancellationToken,
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
+        // Test streams live on the shared dev nats-server: remove this one. Drop cannot await, so
+        // a short-lived thread with its own runtime does it.
+        let (stream, url) = (
+            self.stream.clone(),
+            std::env::var("NATS_URL").unwrap_or_default(),
+        );
+        let cleanup = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let delete = async {
+                    if let Ok(client) = async_nats::connect(&url).await {
+                        let _ = async_nats::jetstream::new(client)
+                            .delete_stream(&stream)
+                            .await;
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), delete).await;
+            });
+        });
+        let _ = cleanup.join();
     }
 }
 
@@ -81,6 +111,33 @@ pub async fn spawn_app() -> TestApp {
     let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
+    // The read side, on this test's own stream and subjects of the shared nats-server.
+    let id = Uuid::new_v4().simple().to_string();
+    let relay_config = ledger::relay::RelayConfig {
+        stream: format!("LEDGER_TEST_{id}"),
+        subject_prefix: format!("test{id}.events"),
+        batch: 512,
+    };
+    let nats_url = std::env::var("NATS_URL")
+        .unwrap_or_else(|_| panic!("NATS_URL is not set: run the tests with ./dev.sh test"));
+    let connect = || async {
+        async_nats::connect(&nats_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach nats-server at NATS_URL: {e}"))
+    };
+    let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
+    relay
+        .ensure_stream()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(relay.run(shutdown.clone()));
+    let worker = ledger_projections::worker::Worker::new(
+        pool.clone(),
+        connect().await,
+        &relay_config.stream,
+        ledger_projections::booking_board::NAME,
+    );
+    tokio::spawn(worker.run(shutdown.clone()));
     TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
@@ -89,6 +146,8 @@ pub async fn spawn_app() -> TestApp {
         webhook_secret,
         database_url,
         db_name,
+        stream: relay_config.stream.clone(),
+        relay: relay_config,
         shutdown,
     }
 }

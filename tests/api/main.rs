@@ -11,6 +11,7 @@ mod idempotency;
 mod lifecycle;
 mod log;
 mod payments;
+mod queries;
 mod races;
 mod relay;
 mod webhook;

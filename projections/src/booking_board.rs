@@ -1,0 +1,338 @@
+//! The booking board: venues with their resources, bookings with their payments.
+//!
+//! Serves the board (a venue's bookings of a local day), a booking's detail, a customer's
+//! bookings and the venue list. Personal data stays sealed: `customer` is the event's envelope.
+
+use crate::ProjectionError;
+use chrono::{DateTime, NaiveDate, Utc};
+use ledger_events::booking::BookingEvent;
+use ledger_events::envelope::{DomainEvent, RecordedEvent};
+use ledger_events::payment::PaymentEvent;
+use ledger_events::venue::VenueEvent;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+pub const NAME: &str = "booking_board";
+
+fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
+    E::decode(&event.event_type, event.schema_version, &event.payload).map_err(|e| {
+        ProjectionError::Decode {
+            position: event.global_position,
+            reason: e.to_string(),
+        }
+    })
+}
+
+pub async fn apply(
+    tx: &mut Transaction<'_, Postgres>,
+    event: &RecordedEvent,
+) -> Result<(), ProjectionError> {
+    let (position, version) = (event.global_position, event.stream_version);
+    let category = event.stream_id.split('-').next().unwrap_or_default();
+    match category {
+        "venue" => match decode::<VenueEvent>(event)? {
+            VenueEvent::VenueRegistered(e) => {
+                sqlx::query(
+                    "INSERT INTO rm_venues (venue_id, name, timezone, version, position) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(e.venue_id.0)
+                .bind(&e.name)
+                .bind(&e.timezone)
+                .bind(version)
+                .bind(position)
+                .execute(&mut **tx)
+                .await?;
+            }
+            VenueEvent::ResourceAdded(e) => {
+                sqlx::query(
+                    "INSERT INTO rm_resources (resource_id, venue_id, name, capacity, position) \
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(e.resource_id.0)
+                .bind(e.venue_id.0)
+                .bind(&e.name)
+                .bind(i32::try_from(e.capacity).unwrap_or(i32::MAX))
+                .bind(position)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query("UPDATE rm_venues SET version = $2, position = $3 WHERE venue_id = $1")
+                    .bind(e.venue_id.0)
+                    .bind(version)
+                    .bind(position)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+        },
+        "booking" => apply_booking(tx, decode::<BookingEvent>(event)?, version, position).await?,
+        "payment" => apply_payment(tx, decode::<PaymentEvent>(event)?, version, position).await?,
+        // Audit and subject events change nothing on the board.
+        _ => {}
+    }
+    Ok(())
+}
+
+async fn apply_booking(
+    tx: &mut Transaction<'_, Postgres>,
+    event: BookingEvent,
+    version: i64,
+    position: i64,
+) -> Result<(), ProjectionError> {
+    use BookingEvent as E;
+    let status = |id: Uuid, status: &'static str| {
+        sqlx::query(
+            "UPDATE rm_bookings SET status = $2, version = $3, position = $4 WHERE booking_id = $1",
+        )
+        .bind(id)
+        .bind(status)
+        .bind(version)
+        .bind(position)
+    };
+    match event {
+        E::BookingRequested(e) => {
+            sqlx::query(
+                "INSERT INTO rm_bookings (booking_id, venue_id, resource_id, starts_at, ends_at, \
+                   local_date, party_size, status, subject_id, customer, version, position) \
+                 SELECT $1, $2, $3, $4, $5, \
+                        ($4 AT TIME ZONE coalesce((SELECT timezone FROM rm_venues \
+                                                    WHERE venue_id = $2), 'UTC'))::date, \
+                        $6, 'pending', $7, $8, $9, $10",
+            )
+            .bind(e.booking_id.0)
+            .bind(e.venue_id.0)
+            .bind(e.resource_id.0)
+            .bind(e.starts_at)
+            .bind(e.ends_at)
+            .bind(i32::from(e.party_size))
+            .bind(e.subject_id.0)
+            .bind(serde_json::to_value(&e.customer).unwrap_or(Value::Null))
+            .bind(version)
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
+        }
+        E::BookingRescheduled(e) => {
+            sqlx::query(
+                "UPDATE rm_bookings b SET resource_id = $2, starts_at = $3, ends_at = $4, \
+                   local_date = ($3 AT TIME ZONE coalesce((SELECT timezone FROM rm_venues v \
+                                                             WHERE v.venue_id = b.venue_id), 'UTC'))::date, \
+                   version = $5, position = $6 \
+                 WHERE booking_id = $1",
+            )
+            .bind(e.booking_id.0)
+            .bind(e.resource_id.0)
+            .bind(e.starts_at)
+            .bind(e.ends_at)
+            .bind(version)
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
+        }
+        E::BookingConfirmed(e) => {
+            status(e.booking_id.0, "confirmed")
+                .execute(&mut **tx)
+                .await?;
+        }
+        E::BookingCancelled(e) => {
+            status(e.booking_id.0, "cancelled")
+                .execute(&mut **tx)
+                .await?;
+        }
+        E::GuestCheckedIn(e) => {
+            status(e.booking_id.0, "checked_in")
+                .execute(&mut **tx)
+                .await?;
+        }
+        E::BookingNoShow(e) => {
+            status(e.booking_id.0, "no_show").execute(&mut **tx).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn apply_payment(
+    tx: &mut Transaction<'_, Postgres>,
+    event: PaymentEvent,
+    version: i64,
+    position: i64,
+) -> Result<(), ProjectionError> {
+    use PaymentEvent as E;
+    let (payment_id, captured, refunded, failed) = match &event {
+        E::PaymentAuthorized(e) => {
+            sqlx::query(
+                "INSERT INTO rm_payments (payment_id, booking_id, venue_id, kind, currency, \
+                   authorised_minor, version, position) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(e.payment_id.0)
+            .bind(e.booking_id.0)
+            .bind(e.venue_id.0)
+            .bind(e.kind.as_str())
+            .bind(e.currency.as_str())
+            .bind(e.amount_minor)
+            .bind(version)
+            .bind(position)
+            .execute(&mut **tx)
+            .await?;
+            return Ok(());
+        }
+        E::PaymentCaptured(e) => (e.payment_id.0, e.amount_minor, 0, false),
+        E::PaymentRefunded(e) => (e.payment_id.0, 0, e.amount_minor, false),
+        E::PaymentFailed(e) => (e.payment_id.0, 0, 0, true),
+    };
+    sqlx::query(
+        "WITH p AS ( \
+           UPDATE rm_payments SET captured_minor = captured_minor + $2, \
+                  refunded_minor = refunded_minor + $3, failed = failed OR $4, \
+                  version = $5, position = $6 \
+            WHERE payment_id = $1 RETURNING booking_id) \
+         UPDATE rm_bookings b SET paid_minor = paid_minor + $2, \
+                refunded_minor = refunded_minor + $3, position = $6 \
+           FROM p WHERE b.booking_id = p.booking_id",
+    )
+    .bind(payment_id)
+    .bind(captured)
+    .bind(refunded)
+    .bind(failed)
+    .bind(version)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queries the API serves from this read model.
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct VenueRow {
+    pub venue_id: Uuid,
+    pub name: String,
+    pub timezone: String,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ResourceRow {
+    pub resource_id: Uuid,
+    pub venue_id: Uuid,
+    pub name: String,
+    pub capacity: i32,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BookingRow {
+    pub booking_id: Uuid,
+    pub venue_id: Uuid,
+    pub resource_id: Uuid,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub party_size: i32,
+    pub status: String,
+    pub subject_id: Uuid,
+    /// The sealed envelope, opened by the API.
+    pub customer: Value,
+    pub paid_minor: i64,
+    pub refunded_minor: i64,
+    pub version: i64,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PaymentRow {
+    pub payment_id: Uuid,
+    pub kind: String,
+    pub currency: String,
+    pub authorised_minor: i64,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
+    pub failed: bool,
+}
+
+/// Venues (all, or those listed) with their resources.
+pub async fn venues(
+    pool: &PgPool,
+    only: Option<&[Uuid]>,
+) -> Result<Vec<(VenueRow, Vec<ResourceRow>)>, sqlx::Error> {
+    let venues: Vec<VenueRow> = sqlx::query_as(
+        "SELECT venue_id, name, timezone, version FROM rm_venues \
+         WHERE $1::uuid[] IS NULL OR venue_id = ANY($1) ORDER BY name, venue_id",
+    )
+    .bind(only)
+    .fetch_all(pool)
+    .await?;
+    let ids: Vec<Uuid> = venues.iter().map(|v| v.venue_id).collect();
+    let resources: Vec<ResourceRow> = sqlx::query_as(
+        "SELECT resource_id, venue_id, name, capacity FROM rm_resources \
+         WHERE venue_id = ANY($1) ORDER BY name, resource_id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    Ok(venues
+        .into_iter()
+        .map(|v| {
+            let own = resources
+                .iter()
+                .filter(|r| r.venue_id == v.venue_id)
+                .cloned()
+                .collect();
+            (v, own)
+        })
+        .collect())
+}
+
+/// What the board lists: filters and a keyset cursor `(starts_at, booking_id)`.
+#[derive(Debug, Clone, Default)]
+pub struct BoardFilter {
+    pub venue_ids: Option<Vec<Uuid>>,
+    pub local_date: Option<NaiveDate>,
+    pub status: Option<String>,
+    pub subject_id: Option<Uuid>,
+    pub after: Option<(DateTime<Utc>, Uuid)>,
+    pub limit: i64,
+}
+
+const BOOKING_COLUMNS: &str = "booking_id, venue_id, resource_id, starts_at, ends_at, party_size, \
+                               status, subject_id, customer, paid_minor, refunded_minor, version";
+
+/// One page of bookings in `(starts_at, booking_id)` order: no duplicates or gaps across pages.
+pub async fn bookings(pool: &PgPool, f: &BoardFilter) -> Result<Vec<BookingRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {BOOKING_COLUMNS} FROM rm_bookings \
+         WHERE ($1::uuid[] IS NULL OR venue_id = ANY($1)) \
+           AND ($2::date IS NULL OR local_date = $2) \
+           AND ($3::text IS NULL OR status = $3) \
+           AND ($4::uuid IS NULL OR subject_id = $4) \
+           AND ($5::timestamptz IS NULL OR (starts_at, booking_id) > ($5, $6)) \
+         ORDER BY starts_at, booking_id LIMIT $7"
+    ))
+    .bind(f.venue_ids.as_deref())
+    .bind(f.local_date)
+    .bind(f.status.as_deref())
+    .bind(f.subject_id)
+    .bind(f.after.map(|(t, _)| t))
+    .bind(f.after.map(|(_, id)| id))
+    .bind(f.limit)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn booking(pool: &PgPool, id: Uuid) -> Result<Option<BookingRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {BOOKING_COLUMNS} FROM rm_bookings WHERE booking_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+pub async fn payments_of(pool: &PgPool, booking_id: Uuid) -> Result<Vec<PaymentRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT payment_id, kind, currency, authorised_minor, captured_minor, refunded_minor, \
+                failed FROM rm_payments WHERE booking_id = $1 ORDER BY payment_id",
+    )
+    .bind(booking_id)
+    .fetch_all(pool)
+    .await
+}

@@ -1,0 +1,440 @@
+//! Queries: served from read models, with read-your-writes through `min_position`.
+//!
+//! Every answer carries `X-Ledger-Position`, the position the read model includes. With
+//! `?min_position=N` (or `X-Ledger-Min-Position: N`) a query first waits, woken by the
+//! projection's commit notification, until its read model includes N; after 5 s it answers
+//! `projection-lagging`. Personal data is opened here, at the edge, and nowhere else.
+
+use super::auth::{Auth, Role};
+use super::problem::ApiError;
+use super::{parse_id, AppState};
+use crate::store::vault::VaultError;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use chrono::{DateTime, NaiveDate, Utc};
+use ledger_events::booking::CustomerDetails;
+use ledger_events::ids::{SubjectId, VenueId};
+use ledger_events::payment::status_of;
+use ledger_events::pii::{self, SealContext, Sealed};
+use ledger_projections::booking_board::{self, BoardFilter, BookingRow};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::postgres::PgListener;
+use std::time::Duration;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// How long a query waits for its read model to reach `min_position`.
+const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The booking board's checkpoint, kept current by the projection's commit notifications (and a
+/// slow poll, in case one is lost). Queries wait on it instead of polling the database.
+#[derive(Clone)]
+pub struct ReadPosition {
+    rx: watch::Receiver<i64>,
+}
+
+impl ReadPosition {
+    /// Starts the listener task; it ends with the pool.
+    pub async fn start(pool: sqlx::PgPool) -> Result<Self, sqlx::Error> {
+        let initial = board_checkpoint(&pool).await?;
+        let (tx, rx) = watch::channel(initial);
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen("ledger_projection").await?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    n = listener.recv() => match n {
+                        Ok(n) => {
+                            let p = n.payload().strip_prefix(booking_board::NAME)
+                                .and_then(|r| r.strip_prefix(':'))
+                                .and_then(|p| p.parse::<i64>().ok());
+                            if let Some(p) = p {
+                                tx.send_if_modified(|cur| if p > *cur { *cur = p; true } else { false });
+                            }
+                        }
+                        Err(_) if pool.is_closed() => return,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    },
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if pool.is_closed() { return; }
+                        if let Ok(p) = board_checkpoint(&pool).await {
+                            tx.send_if_modified(|cur| if p > *cur { *cur = p; true } else { false });
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(ReadPosition { rx })
+    }
+
+    pub fn current(&self) -> i64 {
+        *self.rx.borrow()
+    }
+
+    /// Waits until the read model includes `min`; returns the position it includes.
+    pub async fn reach(&self, min: Option<i64>) -> Result<i64, ApiError> {
+        let Some(min) = min else {
+            return Ok(self.current());
+        };
+        let mut rx = self.rx.clone();
+        let reached = tokio::time::timeout(MAX_WAIT, rx.wait_for(|p| *p >= min))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|p| *p));
+        match reached {
+            Some(p) => Ok(p),
+            None => Err(ApiError::ProjectionLagging {
+                retry_after: 1,
+                detail: format!(
+                    "the read model includes position {}, not yet {min}",
+                    self.current()
+                ),
+            }),
+        }
+    }
+}
+
+async fn board_checkpoint(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    ledger_projections::checkpoint(&mut conn, booking_board::NAME).await
+}
+
+fn min_position(query: Option<i64>, headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    if query.is_some() {
+        return Ok(query);
+    }
+    match headers.get("x-ledger-min-position") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::bad_request("X-Ledger-Min-Position", "must be a global position")
+            }),
+    }
+}
+
+fn answer(position: i64, body: Value) -> Response {
+    let mut r = Json(body).into_response();
+    if let Ok(v) = HeaderValue::from_str(&position.to_string()) {
+        r.headers_mut().insert("x-ledger-position", v);
+    }
+    r
+}
+
+/// Query strings are parsed by hand so a bad value is our problem+json naming the parameter.
+#[derive(Deserialize, Default)]
+pub struct RawQuery {
+    venue_id: Option<String>,
+    date: Option<String>,
+    status: Option<String>,
+    limit: Option<String>,
+    cursor: Option<String>,
+    min_position: Option<String>,
+}
+
+fn parse_opt<T: std::str::FromStr>(
+    name: &'static str,
+    raw: &Option<String>,
+    expect: &str,
+) -> Result<Option<T>, ApiError> {
+    match raw {
+        None => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(name, format!("must be {expect}"))),
+    }
+}
+
+const STATUSES: [&str; 5] = ["pending", "confirmed", "checked_in", "no_show", "cancelled"];
+
+fn encode_cursor(row: &BookingRow) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+        "{}|{}",
+        row.starts_at.to_rfc3339(),
+        row.booking_id
+    ))
+}
+
+fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
+    let bad = || ApiError::bad_request("cursor", "is not a cursor this API gave out");
+    let text = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(raw)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(text).map_err(|_| bad())?;
+    let (t, id) = text.split_once('|').ok_or_else(bad)?;
+    let t = DateTime::parse_from_rfc3339(t).map_err(|_| bad())?;
+    Ok((
+        t.with_timezone(&Utc),
+        Uuid::parse_str(id).map_err(|_| bad())?,
+    ))
+}
+
+impl AppState {
+    /// A booking item as the contract shows it, personal data opened (or `null` and
+    /// `"erased": true` once the subject's key is shredded).
+    async fn booking_item(&self, row: &BookingRow) -> Result<Value, ApiError> {
+        let sealed: Option<Sealed> = serde_json::from_value(row.customer.clone()).ok();
+        let stream = format!("booking-{}", row.booking_id);
+        let opened = match (sealed, self.vault.key(SubjectId(row.subject_id)).await) {
+            (Some(sealed), Ok(key)) => pii::open::<CustomerDetails>(
+                &key.key,
+                &sealed,
+                &SealContext {
+                    stream_id: &stream,
+                    event_type: "BookingRequested",
+                },
+            )
+            .ok()
+            .map(|p| p.into_inner()),
+            (_, Err(VaultError::Erased)) | (None, _) => None,
+            (_, Err(e)) => return Err(ApiError::Unexpected(anyhow::Error::new(e))),
+        };
+        let (customer, notes) = match &opened {
+            Some(c) => (
+                json!({"name": c.name, "email": c.email, "phone": c.phone}),
+                json!(c.notes),
+            ),
+            None => (Value::Null, Value::Null),
+        };
+        let mut item = json!({
+            "id": row.booking_id,
+            "venue_id": row.venue_id,
+            "resource_id": row.resource_id,
+            "starts_at": row.starts_at,
+            "ends_at": row.ends_at,
+            "party_size": row.party_size,
+            "status": row.status,
+            "subject_id": row.subject_id,
+            "customer": customer,
+            "notes": notes,
+            "paid_minor": row.paid_minor,
+            "refunded_minor": row.refunded_minor,
+            "version": row.version,
+        });
+        if opened.is_none() {
+            item["erased"] = json!(true);
+        }
+        Ok(item)
+    }
+
+    async fn page(&self, filter: BoardFilter) -> Result<Value, ApiError> {
+        let rows = booking_board::bookings(&self.pool, &filter).await?;
+        let next = (rows.len() as i64 == filter.limit)
+            .then(|| rows.last().map(encode_cursor))
+            .flatten();
+        let mut items = Vec::with_capacity(rows.len());
+        for row in &rows {
+            items.push(self.booking_item(row).await?);
+        }
+        Ok(json!({"items": items, "next_cursor": next}))
+    }
+}
+
+fn may_read_bookings(auth: &Auth) -> Result<(), ApiError> {
+    match auth.role {
+        Role::Admin | Role::Manager | Role::Staff | Role::Door => Ok(()),
+        _ => Err(ApiError::forbidden(format!(
+            "the {} role may not read the booking board",
+            auth.role.as_str()
+        ))),
+    }
+}
+
+fn board_filter(auth: &Auth, q: &RawQuery) -> Result<BoardFilter, ApiError> {
+    let venue: Option<Uuid> = parse_opt("venue_id", &q.venue_id, "a venue id")?;
+    let venue_ids = match (venue, &auth.venues) {
+        (Some(v), _) if !auth.sees_venue(VenueId(v)) => return Err(ApiError::not_found("venue")),
+        (Some(v), _) => Some(vec![v]),
+        (None, Some(scoped)) => Some(scoped.iter().map(|v| v.0).collect()),
+        (None, None) => None,
+    };
+    let local_date: Option<NaiveDate> = parse_opt("date", &q.date, "a date YYYY-MM-DD")?;
+    if let Some(s) = &q.status {
+        if !STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(
+                "status",
+                format!("must be one of {}", STATUSES.join(", ")),
+            ));
+        }
+    }
+    let limit: i64 = parse_opt("limit", &q.limit, "a number from 1 to 200")?.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "limit",
+            "must be a number from 1 to 200",
+        ));
+    }
+    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    Ok(BoardFilter {
+        venue_ids,
+        local_date,
+        status: q.status.clone(),
+        subject_id: None,
+        after,
+        limit,
+    })
+}
+
+pub async fn list_bookings(
+    State(app): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Query(q): Query<RawQuery>,
+) -> Result<Response, ApiError> {
+    may_read_bookings(&auth)?;
+    let filter = board_filter(&auth, &q)?;
+    let min = min_position(
+        parse_opt("min_position", &q.min_position, "a position")?,
+        &headers,
+    )?;
+    let position = app.read_position.reach(min).await?;
+    Ok(answer(position, app.page(filter).await?))
+}
+
+pub async fn booking_detail(
+    State(app): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RawQuery>,
+) -> Result<Response, ApiError> {
+    if auth.role == Role::Auditor {
+        return Err(ApiError::forbidden(
+            "the auditor role reads the audit endpoints",
+        ));
+    }
+    let id = parse_id(&id, "booking")?;
+    let min = min_position(
+        parse_opt("min_position", &q.min_position, "a position")?,
+        &headers,
+    )?;
+    let position = app.read_position.reach(min).await?;
+    let row = booking_board::booking(&app.pool, id)
+        .await?
+        .filter(|r| auth.sees_booking(VenueId(r.venue_id), SubjectId(r.subject_id)))
+        .ok_or_else(|| ApiError::not_found("booking"))?;
+    let mut item = app.booking_item(&row).await?;
+    let payments: Vec<Value> = booking_board::payments_of(&app.pool, id)
+        .await?
+        .into_iter()
+        .map(|p| {
+            json!({
+                "id": p.payment_id,
+                "kind": p.kind,
+                "status": status_of(p.authorised_minor, p.captured_minor, p.refunded_minor, p.failed),
+                "authorised_minor": p.authorised_minor,
+                "captured_minor": p.captured_minor,
+                "refunded_minor": p.refunded_minor,
+                "currency": p.currency,
+            })
+        })
+        .collect();
+    item["payments"] = json!(payments);
+    Ok(answer(position, item))
+}
+
+pub async fn customer_bookings(
+    State(app): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(subject): Path<String>,
+    Query(q): Query<RawQuery>,
+) -> Result<Response, ApiError> {
+    let subject = parse_id(&subject, "subject")?;
+    match auth.role {
+        Role::Customer if auth.subject != Some(SubjectId(subject)) => {
+            return Err(ApiError::not_found("subject"))
+        }
+        Role::Customer | Role::Admin | Role::Manager | Role::Staff => {}
+        _ => {
+            return Err(ApiError::forbidden(
+                "this role may not read customers' bookings",
+            ))
+        }
+    }
+    let mut filter = board_filter(&auth, &q)?;
+    filter.subject_id = Some(subject);
+    if auth.role == Role::Customer {
+        filter.venue_ids = None;
+    }
+    let min = min_position(
+        parse_opt("min_position", &q.min_position, "a position")?,
+        &headers,
+    )?;
+    let position = app.read_position.reach(min).await?;
+    Ok(answer(position, app.page(filter).await?))
+}
+
+fn venue_json(v: &booking_board::VenueRow, resources: &[booking_board::ResourceRow]) -> Value {
+    json!({
+        "id": v.venue_id,
+        "name": v.name,
+        "timezone": v.timezone,
+        "version": v.version,
+        "resources": resources.iter().map(|r| json!({
+            "id": r.resource_id, "name": r.name, "capacity": r.capacity,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub async fn list_venues(
+    State(app): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Query(q): Query<RawQuery>,
+) -> Result<Response, ApiError> {
+    if auth.role == Role::Auditor {
+        return Err(ApiError::forbidden(
+            "the auditor role reads the audit endpoints",
+        ));
+    }
+    let min = min_position(
+        parse_opt("min_position", &q.min_position, "a position")?,
+        &headers,
+    )?;
+    let position = app.read_position.reach(min).await?;
+    let only: Option<Vec<Uuid>> = match (&auth.venues, auth.role) {
+        (Some(v), r) if r != Role::Customer => Some(v.iter().map(|v| v.0).collect()),
+        _ => None,
+    };
+    let venues = booking_board::venues(&app.pool, only.as_deref()).await?;
+    let items: Vec<Value> = venues.iter().map(|(v, r)| venue_json(v, r)).collect();
+    Ok(answer(position, json!({"items": items})))
+}
+
+pub async fn venue(
+    State(app): State<AppState>,
+    auth: Auth,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<RawQuery>,
+) -> Result<Response, ApiError> {
+    if auth.role == Role::Auditor {
+        return Err(ApiError::forbidden(
+            "the auditor role reads the audit endpoints",
+        ));
+    }
+    let id = parse_id(&id, "venue")?;
+    if !auth.sees_venue(VenueId(id)) {
+        return Err(ApiError::not_found("venue"));
+    }
+    let min = min_position(
+        parse_opt("min_position", &q.min_position, "a position")?,
+        &headers,
+    )?;
+    let position = app.read_position.reach(min).await?;
+    let venues = booking_board::venues(&app.pool, Some(&[id])).await?;
+    let (v, r) = venues.first().ok_or_else(|| ApiError::not_found("venue"))?;
+    Ok(answer(position, venue_json(v, r)))
+}
