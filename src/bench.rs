@@ -36,6 +36,30 @@ pub struct BenchArgs {
 pub enum Which {
     /// Append throughput and latency: naive inserts and COPY as baselines, the pipeline, HTTP.
     Append(AppendBench),
+    /// The read side: relay publish rate vs raw JetStream, command-to-read-model lag at a fixed
+    /// offered rate, query latency under load.
+    ReadSide(ReadSideBench),
+}
+
+#[derive(Args, Debug)]
+pub struct ReadSideBench {
+    #[command(flatten)]
+    pub database: crate::config::DatabaseArgs,
+    /// nats-server with JetStream.
+    #[arg(long = "nats-url", env = "NATS_URL")]
+    pub nats_url: String,
+    /// Events appended, then published by the relay and by the raw baseline.
+    #[arg(long, default_value_t = 20_000)]
+    pub events: usize,
+    /// Offered booking commands per second for the lag measurement.
+    #[arg(long, default_value_t = 500)]
+    pub rate: u64,
+    /// Seconds of offered load.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Concurrent query clients.
+    #[arg(long, default_value_t = 16)]
+    pub query_clients: usize,
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +86,7 @@ pub struct AppendBench {
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.which {
         Which::Append(a) => append(a).await.map(|_| ExitCode::SUCCESS),
+        Which::ReadSide(r) => read_side(r).await.map(|_| ExitCode::SUCCESS),
     }
 }
 
@@ -437,4 +462,299 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
     shutdown.cancel();
     let _ = server.await;
     figure
+}
+
+/// A scratch database for one benchmark run: created, migrated, and its URL.
+async fn scratch_database(
+    admin_url: &str,
+    prefix: &str,
+) -> anyhow::Result<(PgConnection, String, String)> {
+    let db = format!("{prefix}_{}", Utc::now().format("%Y%m%d%H%M%S"));
+    let mut admin = PgConnection::connect(admin_url)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await?;
+    let url = match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{db}"),
+        None => anyhow::bail!("DATABASE_URL has no database part"),
+    };
+    Ok((admin, db, url))
+}
+
+async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
+    use async_nats::jetstream;
+    let admin_url = args.database.url()?;
+    let (mut admin, db, url) = scratch_database(&admin_url, "ledger_bench_read").await?;
+    let pool = connect(&url, 16).await?;
+    migrate(&pool).await?;
+    let nats = async_nats::connect(&args.nats_url)
+        .await
+        .context("connecting to NATS_URL")?;
+    let js = jetstream::new(nats.clone());
+    let run = Uuid::now_v7().simple().to_string();
+    println!(
+        "ledger bench read-side: {} events, database {db}",
+        args.events
+    );
+
+    // Fill the log through the pipeline.
+    let (appender, writer) = Appender::spawn(pool.clone());
+    let mut pending = Vec::new();
+    for i in 0..args.events {
+        let appender = appender.clone();
+        // Each event its own booking, as the read model expects.
+        let payload = sample_payload();
+        pending.push(tokio::spawn(async move {
+            appender
+                .append(AppendRequest {
+                    streams: vec![StreamAppend {
+                        stream_id: format!("booking-{}", Uuid::now_v7()),
+                        expected: ExpectedVersion::NoStream,
+                        events: vec![NewEvent {
+                            event_id: Uuid::now_v7(),
+                            event_type: "BookingRequested",
+                            schema_version: 1,
+                            payload,
+                        }],
+                    }],
+                    metadata: sample_metadata(),
+                    slot: None,
+                    idempotency: None,
+                })
+                .await
+        }));
+        if pending.len() >= 256 || i + 1 == args.events {
+            for p in pending.drain(..) {
+                p.await??;
+            }
+        }
+    }
+    drop(appender);
+    let _ = writer.await;
+
+    // Baseline: raw JetStream publishes of the same messages (ids, payloads), acks awaited per
+    // batch of 512 like the relay does.
+    let events = ledger_replay::read_all(&pool, 0, args.events as i64).await?;
+    let raw_stream = format!("BENCH_RAW_{run}");
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: raw_stream.clone(),
+        subjects: vec![format!("benchraw{run}.>")],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    for chunk in events.chunks(512) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            let body = serde_json::to_vec(&ledger_events::envelope::WireEvent::from(e))?;
+            acks.push(
+                js.send_publish(
+                    format!("benchraw{run}.booking"),
+                    jetstream::context::Publish::build()
+                        .payload(body.into())
+                        .message_id(e.event_id.to_string()),
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            );
+        }
+        for a in acks {
+            a.await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let raw = events.len() as f64 / started.elapsed().as_secs_f64();
+
+    let relay_config = crate::relay::RelayConfig {
+        stream: format!("BENCH_RELAY_{run}"),
+        subject_prefix: format!("benchrelay{run}.events"),
+        batch: 512,
+    };
+    let relay = crate::relay::Relay::new(pool.clone(), nats.clone(), relay_config.clone());
+    relay.ensure_stream().await?;
+    let started = Instant::now();
+    let published = relay.publish_pending().await?;
+    let relayed = published as f64 / started.elapsed().as_secs_f64();
+    println!("relay publish:   {relayed:>9.0} events/s   raw JetStream publish: {raw:>9.0} msgs/s   = {:.2}x raw", relayed / raw);
+
+    if args.rate == 0 {
+        // Publish rates only (e.g. to compare nats-server settings).
+        for stream in [raw_stream, relay_config.stream] {
+            let _ = js.delete_stream(&stream).await;
+        }
+        pool.close().await;
+        sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        return Ok(());
+    }
+    // Command → read model lag at a fixed offered rate, with the whole read side running.
+    let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let settings = Settings {
+        database_url: url.clone(),
+        nats_url: args.nats_url.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        jwt_secret: jwt_secret.clone(),
+        master_key: MasterKey::generate(),
+        webhook_secret: b"bench".to_vec(),
+    };
+    let app_pool = connect(&url, 16).await?;
+    let app = Application::with_parts(app_pool, Some(nats.clone()), &settings).await?;
+    let base = format!("http://{}", app.local_addr()?);
+    let read_position = app.state().read_position.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(app.run(shutdown.clone()));
+    tokio::spawn(
+        crate::relay::Relay::new(pool.clone(), nats.clone(), relay_config.clone())
+            .run(shutdown.clone()),
+    );
+    tokio::spawn(
+        ledger_projections::worker::Worker::new(
+            pool.clone(),
+            nats.clone(),
+            &relay_config.stream,
+            ledger_projections::booking_board::NAME,
+        )
+        .run(shutdown.clone()),
+    );
+    let token = JwtKeys::new(&jwt_secret).sign(&Claims {
+        sub: "bench".into(),
+        role: Role::Admin,
+        exp: Utc::now().timestamp() + 3600,
+        iat: None,
+        subject: None,
+        venues: None,
+    })?;
+    let client = reqwest::Client::new();
+    let venue: Value = client
+        .post(format!("{base}/v1/venues"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Bench", "timezone": "UTC"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let venue_id = venue["id"].as_str().unwrap_or_default().to_owned();
+    let r: Value = client
+        .post(format!("{base}/v1/venues/{venue_id}/resources"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "T", "capacity": 8}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let resource = r["id"].as_str().unwrap_or_default().to_owned();
+    // Let the read side catch up with the pre-filled log before measuring lag.
+    let head = ledger_replay::head_position(&pool).await?;
+    let mut caught_up = read_position.subscribe();
+    tokio::time::timeout(Duration::from_secs(120), caught_up.wait_for(|p| *p >= head))
+        .await
+        .context("the read side did not catch up with the pre-filled log")??;
+    // Offer `rate` bookings per second; each one's lag is from its answer until the read model's
+    // position (woken by the projection's commit notification) includes it.
+    let total = args.rate * args.seconds;
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let start = Utc::now() + chrono::Duration::days(1);
+    let mut tasks = Vec::with_capacity(total as usize);
+    for n in 0..total {
+        ticker.tick().await;
+        let (client, base, token, venue_id, resource) = (
+            client.clone(),
+            base.clone(),
+            token.clone(),
+            venue_id.clone(),
+            resource.clone(),
+        );
+        let mut position_rx = read_position.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let starts = start + chrono::Duration::minutes(n as i64);
+            let body = json!({
+                "venue_id": venue_id, "resource_id": resource,
+                "starts_at": starts.to_rfc3339(),
+                "ends_at": (starts + chrono::Duration::minutes(1)).to_rfc3339(),
+                "party_size": 2,
+                "customer": {"name": "Bench Guest", "email": format!("g{}@bench.test", n % 100)},
+            });
+            let answer: Value = client
+                .post(format!("{base}/v1/bookings"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let answered = Instant::now();
+            let position = answer["position"].as_i64().unwrap_or(i64::MAX);
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                position_rx.wait_for(|p| *p >= position),
+            )
+            .await
+            .context("read model never included the booking")??;
+            anyhow::Ok(answered.elapsed())
+        }));
+    }
+    let mut lag = histogram();
+    for t in tasks {
+        let _ = lag.record(t.await??.as_micros() as u64);
+    }
+    println!(
+        "command → read model lag at {} commands/s offered: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms ({} commands)",
+        args.rate,
+        lag.value_at_quantile(0.5) as f64 / 1000.0,
+        lag.value_at_quantile(0.99) as f64 / 1000.0,
+        lag.max() as f64 / 1000.0,
+        lag.len()
+    );
+
+    // Query latency under concurrent load: the venue's board, first page.
+    let q = {
+        let (client, base, token, venue_id) = (
+            client.clone(),
+            base.clone(),
+            token.clone(),
+            venue_id.clone(),
+        );
+        drive(args.query_clients, Duration::from_secs(5), move |_, _| {
+            let (client, base, token, venue_id) = (
+                client.clone(),
+                base.clone(),
+                token.clone(),
+                venue_id.clone(),
+            );
+            async move {
+                let r = client
+                    .get(format!("{base}/v1/bookings?venue_id={venue_id}&limit=50"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await?;
+                anyhow::ensure!(r.status().is_success(), "query answered {}", r.status());
+                let _ = r.bytes().await?;
+                Ok(1)
+            }
+        })
+        .await?
+    };
+    println!(
+        "board query, {} clients: {:>7.0} queries/s  p50 {:.2} ms  p99 {:.2} ms",
+        args.query_clients,
+        q.rate(),
+        q.p(0.5),
+        q.p(0.99)
+    );
+    shutdown.cancel();
+    let _ = server.await;
+    for stream in [raw_stream, relay_config.stream] {
+        let _ = js.delete_stream(&stream).await;
+    }
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
 }

@@ -106,19 +106,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 None
             };
-            let projector = if only.is_none() || only == Some(Part::Projector) {
+            // One worker per read model, each on its own durable consumer and checkpoint.
+            let mut projectors = Vec::new();
+            if only.is_none() || only == Some(Part::Projector) {
                 let pool = ledger::app::connect(&settings.database_url, 4).await?;
                 let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
-                let worker = ledger_projections::worker::Worker::new(
-                    pool,
-                    nats,
-                    "LEDGER",
-                    ledger_projections::booking_board::NAME,
-                );
-                Some(tokio::spawn(worker.run(shutdown.clone())))
-            } else {
-                None
-            };
+                for &name in ledger_projections::PROJECTIONS {
+                    let worker = ledger_projections::worker::Worker::new(
+                        pool.clone(),
+                        nats.clone(),
+                        "LEDGER",
+                        name,
+                    );
+                    projectors.push(tokio::spawn(worker.run(shutdown.clone())));
+                }
+            }
             if only.is_none() || only == Some(Part::Api) {
                 let app = ledger::app::Application::build(&settings).await?;
                 tracing::info!(addr = %app.local_addr()?, "serving");
@@ -131,7 +133,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(relay) = relay {
                 relay.await??;
             }
-            if let Some(projector) = projector {
+            for projector in projectors {
                 projector.await??;
             }
         }

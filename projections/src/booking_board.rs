@@ -3,10 +3,10 @@
 //! Serves the board (a venue's bookings of a local day), a booking's detail, a customer's
 //! bookings and the venue list. Personal data stays sealed: `customer` is the event's envelope.
 
-use crate::ProjectionError;
+use crate::{decode, ProjectionError};
 use chrono::{DateTime, NaiveDate, Utc};
 use ledger_events::booking::BookingEvent;
-use ledger_events::envelope::{DomainEvent, RecordedEvent};
+use ledger_events::envelope::RecordedEvent;
 use ledger_events::payment::PaymentEvent;
 use ledger_events::venue::VenueEvent;
 use serde::Serialize;
@@ -15,15 +15,6 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 pub const NAME: &str = "booking_board";
-
-fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
-    E::decode(&event.event_type, event.schema_version, &event.payload).map_err(|e| {
-        ProjectionError::Decode {
-            position: event.global_position,
-            reason: e.to_string(),
-        }
-    })
-}
 
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
@@ -297,25 +288,37 @@ const BOOKING_COLUMNS: &str = "booking_id, venue_id, resource_id, starts_at, end
                                status, subject_id, customer, paid_minor, refunded_minor, version";
 
 /// One page of bookings in `(starts_at, booking_id)` order: no duplicates or gaps across pages.
+///
+/// The statement names only the filters in use: an `$n IS NULL OR …` form would leave Postgres a
+/// generic plan that cannot use the board index.
 pub async fn bookings(pool: &PgPool, f: &BoardFilter) -> Result<Vec<BookingRow>, sqlx::Error> {
-    sqlx::query_as(&format!(
-        "SELECT {BOOKING_COLUMNS} FROM rm_bookings \
-         WHERE ($1::uuid[] IS NULL OR venue_id = ANY($1)) \
-           AND ($2::date IS NULL OR local_date = $2) \
-           AND ($3::text IS NULL OR status = $3) \
-           AND ($4::uuid IS NULL OR subject_id = $4) \
-           AND ($5::timestamptz IS NULL OR (starts_at, booking_id) > ($5, $6)) \
-         ORDER BY starts_at, booking_id LIMIT $7"
-    ))
-    .bind(f.venue_ids.as_deref())
-    .bind(f.local_date)
-    .bind(f.status.as_deref())
-    .bind(f.subject_id)
-    .bind(f.after.map(|(t, _)| t))
-    .bind(f.after.map(|(_, id)| id))
-    .bind(f.limit)
-    .fetch_all(pool)
-    .await
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT {BOOKING_COLUMNS} FROM rm_bookings WHERE true"
+    ));
+    if let Some(venues) = &f.venue_ids {
+        q.push(" AND venue_id = ANY(")
+            .push_bind(venues.clone())
+            .push(")");
+    }
+    if let Some(date) = f.local_date {
+        q.push(" AND local_date = ").push_bind(date);
+    }
+    if let Some(status) = &f.status {
+        q.push(" AND status = ").push_bind(status.clone());
+    }
+    if let Some(subject) = f.subject_id {
+        q.push(" AND subject_id = ").push_bind(subject);
+    }
+    if let Some((t, id)) = f.after {
+        q.push(" AND (starts_at, booking_id) > (")
+            .push_bind(t)
+            .push(", ")
+            .push_bind(id)
+            .push(")");
+    }
+    q.push(" ORDER BY starts_at, booking_id LIMIT ")
+        .push_bind(f.limit);
+    q.build_query_as().fetch_all(pool).await
 }
 
 pub async fn booking(pool: &PgPool, id: Uuid) -> Result<Option<BookingRow>, sqlx::Error> {
@@ -335,4 +338,111 @@ pub async fn payments_of(pool: &PgPool, booking_id: Uuid) -> Result<Vec<PaymentR
     .bind(booking_id)
     .fetch_all(pool)
     .await
+}
+
+/// Bookings of a venue whose last change is after `after`, in position order: what the live
+/// stream sends. A booking changed twice since `after` comes once, in its latest state.
+pub async fn changed_since(
+    pool: &PgPool,
+    venue_id: Uuid,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<(i64, BookingRow)>, sqlx::Error> {
+    let rows: Vec<BookingRowWithPosition> = sqlx::query_as(&format!(
+        "SELECT position, {BOOKING_COLUMNS} FROM rm_bookings \
+         WHERE venue_id = $1 AND position > $2 ORDER BY position LIMIT $3"
+    ))
+    .bind(venue_id)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.position, r.row)).collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct BookingRowWithPosition {
+    position: i64,
+    #[sqlx(flatten)]
+    row: BookingRow,
+}
+
+/// A busy interval of a resource: a booking that holds its slot.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BusyRow {
+    pub resource_id: Uuid,
+    pub booking_id: Uuid,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// A venue's availability on one local day: the venue, its resources, and the busy intervals.
+#[derive(Debug, Clone)]
+pub struct Availability {
+    pub venue: VenueRow,
+    pub resources: Vec<ResourceRow>,
+    /// In `(resource_id, starts_at, booking_id)` order.
+    pub busy: Vec<BusyRow>,
+}
+
+/// The statuses whose booking holds its slot; `cancelled` and `no_show` free it.
+pub const HOLDING_STATUSES: [&str; 3] = ["pending", "confirmed", "checked_in"];
+
+/// A venue's availability on `date`, a day in the venue's own zone; `None` for an unknown venue.
+///
+/// Busy intervals are the bookings holding their slot (see [`HOLDING_STATUSES`]) that overlap
+/// the local day `[date 00:00, date + 1 00:00)` in the venue's zone (half-open, like slots). An
+/// interval is the booking's own `starts_at`/`ends_at`, **not clipped** to the day: a booking
+/// that crosses midnight shows on both days with the same times, so a client sees how long the
+/// resource stays taken and the same booking looks the same on every day it touches. Read in one
+/// snapshot, so the resources and the intervals agree.
+pub async fn availability(
+    pool: &PgPool,
+    venue_id: Uuid,
+    date: NaiveDate,
+) -> Result<Option<Availability>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let venue: Option<VenueRow> = sqlx::query_as(
+        "SELECT venue_id, name, timezone, version FROM rm_venues WHERE venue_id = $1",
+    )
+    .bind(venue_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(venue) = venue else {
+        return Ok(None);
+    };
+    let resources: Vec<ResourceRow> = sqlx::query_as(
+        "SELECT resource_id, venue_id, name, capacity FROM rm_resources \
+         WHERE venue_id = $1 ORDER BY name, resource_id",
+    )
+    .bind(venue_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    // A slot lasts at most 24 h (the booking decider's rule), so a booking overlapping the day
+    // starts on it or on one of the two days before (two: the day before may be 23 h long at a
+    // DST change); `local_date` narrows the index scan, the instants decide.
+    let busy: Vec<BusyRow> = sqlx::query_as(
+        "SELECT resource_id, booking_id, starts_at, ends_at FROM rm_bookings \
+         WHERE venue_id = $1 \
+           AND local_date BETWEEN $2::date - 2 AND $2::date \
+           AND status = ANY($4) \
+           AND starts_at < (($2::date + 1)::timestamp AT TIME ZONE $3) \
+           AND ends_at > ($2::date::timestamp AT TIME ZONE $3) \
+         ORDER BY resource_id, starts_at, booking_id",
+    )
+    .bind(venue_id)
+    .bind(date)
+    .bind(&venue.timezone)
+    .bind(&HOLDING_STATUSES[..])
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(Availability {
+        venue,
+        resources,
+        busy,
+    }))
 }

@@ -12,17 +12,19 @@
 //!
 //! ## Layout
 //! - [`booking_board`]: venues and resources, bookings, payments: the board, a booking's detail,
-//!   a customer's bookings.
+//!   a customer's bookings, a venue's availability.
+//! - [`daily_stats`]: per venue and local day, bookings, covers, no-shows and money.
 //! - [`worker`]: a durable JetStream pull consumer per projection.
 
 pub mod booking_board;
+pub mod daily_stats;
 pub mod worker;
 
-use ledger_events::envelope::RecordedEvent;
+use ledger_events::envelope::{DomainEvent, RecordedEvent};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 /// The read models `ledger replay rebuild --projection` will take, by name.
-pub const PROJECTIONS: &[&str] = &[booking_board::NAME];
+pub const PROJECTIONS: &[&str] = &[booking_board::NAME, daily_stats::NAME];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -111,6 +113,17 @@ async fn apply(
 ) -> Result<(), ProjectionError> {
     match projection {
         booking_board::NAME => booking_board::apply(tx, event).await,
+        daily_stats::NAME => daily_stats::apply(tx, event).await,
         _ => Ok(()),
     }
+}
+
+/// Decodes a recorded event as its aggregate's event type (upcasting on the way).
+pub(crate) fn decode<E: DomainEvent>(event: &RecordedEvent) -> Result<E, ProjectionError> {
+    E::decode(&event.event_type, event.schema_version, &event.payload).map_err(|e| {
+        ProjectionError::Decode {
+            position: event.global_position,
+            reason: e.to_string(),
+        }
+    })
 }

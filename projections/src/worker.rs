@@ -88,23 +88,26 @@ impl Worker {
             })
             .await
             .map_err(nats)?;
+        // A continuous pull: messages flow as they are published, and whatever has arrived is
+        // applied as one batch (no waiting to fill a batch, so lag stays at one round trip).
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(nats)?
+            .ready_chunks(self.batch);
         loop {
-            let mut messages = consumer
-                .batch()
-                .max_messages(self.batch)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await
-                .map_err(nats)?;
-            let mut batch = Vec::new();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    next = messages.next() => match next {
-                        Some(m) => batch.push(m.map_err(nats)?),
-                        None => break,
-                    }
-                }
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                chunk = messages.next() => chunk,
+            };
+            let Some(chunk) = chunk else {
+                return Err(WorkerError::Nats(
+                    "the consumer's message stream ended".into(),
+                ));
+            };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for m in chunk {
+                batch.push(m.map_err(nats)?);
             }
             let Some(last) = batch.last() else { continue };
             let mut events = Vec::with_capacity(batch.len());

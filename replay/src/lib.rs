@@ -88,3 +88,17 @@ pub async fn head_position<'e>(db: impl PgExecutor<'e>) -> Result<i64, ReadError
         .await?;
     Ok(position)
 }
+
+/// When the event at `position` was recorded, if it exists: how old the oldest event a reader
+/// has not yet taken is, for lag in seconds.
+pub async fn recorded_at<'e>(
+    db: impl PgExecutor<'e>,
+    position: i64,
+) -> Result<Option<DateTime<Utc>>, ReadError> {
+    let found: Option<(DateTime<Utc>,)> =
+        sqlx::query_as("SELECT recorded_at FROM events WHERE global_position = $1")
+            .bind(position)
+            .fetch_optional(db)
+            .await?;
+    Ok(found.map(|(t,)| t))
+}

@@ -4,21 +4,25 @@
 //! shares (body, idempotency, `If-Match`, audit of refusals) is in [`command`].
 
 pub mod auth;
+pub mod availability;
 pub mod bookings;
 pub mod command;
+pub mod live;
+pub mod ops;
 pub mod payments;
 pub mod problem;
 pub mod queries;
+pub mod stats;
 pub mod venues;
 
 use crate::store::append::Appender;
 use crate::store::vault::KeyVault;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use command::RequestIds;
 use ledger_events::booking::{self, Booking, BookingEvent};
 use ledger_events::ids::{
@@ -27,9 +31,7 @@ use ledger_events::ids::{
 use ledger_events::payment::{self, Payment, PaymentEvent};
 use ledger_events::venue::{self, Venue, VenueEvent};
 use problem::ApiError;
-use serde_json::json;
 use sqlx::PgPool;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -87,6 +89,11 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/venues", post(venues::register).get(queries::list_venues))
         .route("/venues/{venue_id}", get(queries::venue))
+        .route(
+            "/venues/{venue_id}/availability",
+            get(availability::availability),
+        )
+        .route("/venues/{venue_id}/stats", get(stats::stats))
         .route("/venues/{venue_id}/resources", post(venues::add_resource))
         .route(
             "/bookings",
@@ -97,6 +104,7 @@ pub fn router(state: AppState) -> Router {
             "/customers/{subject_id}/bookings",
             get(queries::customer_bookings),
         )
+        .route("/live", get(live::live))
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/reschedule", post(bookings::reschedule))
         .route("/bookings/{id}/cancel", post(bookings::cancel))
@@ -108,10 +116,10 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/payments", post(payments::webhook));
     Router::new()
         .nest("/v1", v1)
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi))
+        .route("/health/live", get(ops::live))
+        .route("/health/ready", get(ops::ready))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             let mut r = ApiError::not_found("method").into_response();
@@ -161,65 +169,4 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
         response.headers_mut().insert("x-request-id", v);
     }
     response
-}
-
-async fn live() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
-}
-
-async fn ready(State(app): State<AppState>) -> Response {
-    let postgres = sqlx::query("SELECT 1").execute(&app.pool).await.is_ok();
-    let nats = match &app.nats {
-        Some(c) => c.connection_state() == async_nats::connection::State::Connected,
-        None => false,
-    };
-    let status = if postgres && nats {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        Json(json!({
-            "status": if status == StatusCode::OK { "ready" } else { "not-ready" },
-            "checks": {"postgres": postgres, "nats": nats},
-        })),
-    )
-        .into_response()
-}
-
-async fn metrics(State(app): State<AppState>) -> Response {
-    let m = app.appender.metrics();
-    let head = ledger_replay::head_position(&app.pool).await.unwrap_or(-1);
-    let body = format!(
-        "# HELP ledger_append_batches_total Append transactions committed or attempted.\n\
-         # TYPE ledger_append_batches_total counter\n\
-         ledger_append_batches_total {}\n\
-         # HELP ledger_append_commands_total Commands handed to the append pipeline.\n\
-         # TYPE ledger_append_commands_total counter\n\
-         ledger_append_commands_total {}\n\
-         # HELP ledger_append_events_total Events handed to the append pipeline.\n\
-         # TYPE ledger_append_events_total counter\n\
-         ledger_append_events_total {}\n\
-         # HELP ledger_append_batch_seconds_total Time spent writing batches.\n\
-         # TYPE ledger_append_batch_seconds_total counter\n\
-         ledger_append_batch_seconds_total {:.6}\n\
-         # HELP ledger_log_head_position Global position of the last committed event.\n\
-         # TYPE ledger_log_head_position gauge\n\
-         ledger_log_head_position {}\n",
-        m.batches.load(Relaxed),
-        m.commands.load(Relaxed),
-        m.events.load(Relaxed),
-        m.batch_micros.load(Relaxed) as f64 / 1e6,
-        head,
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
-}
-
-async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        include_str!("openapi.json"),
-    )
-        .into_response()
 }

@@ -23,6 +23,8 @@ use ledger_projections::booking_board::{self, BoardFilter, BookingRow};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -30,18 +32,49 @@ use uuid::Uuid;
 /// How long a query waits for its read model to reach `min_position`.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
-/// The booking board's checkpoint, kept current by the projection's commit notifications (and a
-/// slow poll, in case one is lost). Queries wait on it instead of polling the database.
+/// Each projection's checkpoint, kept current by the projections' commit notifications
+/// (`ledger_projection`, payload `name:position`) and a slow poll, in case one is lost. Queries
+/// wait on the checkpoint of the read model they read instead of polling the database.
 #[derive(Clone)]
 pub struct ReadPosition {
+    /// The booking board's: what `current`, `subscribe` and `reach` speak of.
     rx: watch::Receiver<i64>,
+    /// Every projection's (`ledger_projections::PROJECTIONS`), by name, for `reach_of`.
+    by_name: Arc<HashMap<&'static str, watch::Receiver<i64>>>,
+}
+
+/// Moves a projection's watch forward (never back: notifications may arrive out of order).
+fn advance(senders: &[(&'static str, watch::Sender<i64>)], name: &str, p: i64) {
+    if let Some((_, tx)) = senders.iter().find(|(n, _)| *n == name) {
+        tx.send_if_modified(|cur| {
+            if p > *cur {
+                *cur = p;
+                true
+            } else {
+                false
+            }
+        });
+    }
 }
 
 impl ReadPosition {
     /// Starts the listener task; it ends with the pool.
     pub async fn start(pool: sqlx::PgPool) -> Result<Self, sqlx::Error> {
-        let initial = board_checkpoint(&pool).await?;
-        let (tx, rx) = watch::channel(initial);
+        let initial: HashMap<String, i64> = ledger_projections::checkpoints(&pool)
+            .await?
+            .into_iter()
+            .collect();
+        let at = |name: &str| initial.get(name).copied().unwrap_or(0);
+        let (board_tx, rx) = watch::channel(at(booking_board::NAME));
+        let mut senders = vec![(booking_board::NAME, board_tx)];
+        let mut by_name = HashMap::from([(booking_board::NAME, rx.clone())]);
+        for &name in ledger_projections::PROJECTIONS {
+            if name != booking_board::NAME {
+                let (tx, rx) = watch::channel(at(name));
+                senders.push((name, tx));
+                by_name.insert(name, rx);
+            }
+        }
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen("ledger_projection").await?;
         tokio::spawn(async move {
@@ -49,11 +82,10 @@ impl ReadPosition {
                 tokio::select! {
                     n = listener.recv() => match n {
                         Ok(n) => {
-                            let p = n.payload().strip_prefix(booking_board::NAME)
-                                .and_then(|r| r.strip_prefix(':'))
-                                .and_then(|p| p.parse::<i64>().ok());
-                            if let Some(p) = p {
-                                tx.send_if_modified(|cur| if p > *cur { *cur = p; true } else { false });
+                            if let Some((name, p)) = n.payload().rsplit_once(':') {
+                                if let Ok(p) = p.parse::<i64>() {
+                                    advance(&senders, name, p);
+                                }
                             }
                         }
                         Err(_) if pool.is_closed() => return,
@@ -61,52 +93,78 @@ impl ReadPosition {
                     },
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {
                         if pool.is_closed() { return; }
-                        if let Ok(p) = board_checkpoint(&pool).await {
-                            tx.send_if_modified(|cur| if p > *cur { *cur = p; true } else { false });
+                        if let Ok(all) = ledger_projections::checkpoints(&pool).await {
+                            for (name, p) in all {
+                                advance(&senders, &name, p);
+                            }
                         }
                     }
                 }
-                if tx.is_closed() {
+                if senders.iter().all(|(_, tx)| tx.is_closed()) {
                     return;
                 }
             }
         });
-        Ok(ReadPosition { rx })
+        Ok(ReadPosition {
+            rx,
+            by_name: Arc::new(by_name),
+        })
     }
 
     pub fn current(&self) -> i64 {
         *self.rx.borrow()
     }
 
-    /// Waits until the read model includes `min`; returns the position it includes.
+    /// The position a projection (by name) includes; `None` for an unknown name.
+    pub fn current_of(&self, projection: &str) -> Option<i64> {
+        self.by_name.get(projection).map(|rx| *rx.borrow())
+    }
+
+    /// Changes of the booking board's position, for the live stream.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.rx.clone()
+    }
+
+    /// Waits until the booking board includes `min`; returns the position it includes.
     pub async fn reach(&self, min: Option<i64>) -> Result<i64, ApiError> {
-        let Some(min) = min else {
-            return Ok(self.current());
-        };
-        let mut rx = self.rx.clone();
-        let reached = tokio::time::timeout(MAX_WAIT, rx.wait_for(|p| *p >= min))
-            .await
-            .ok()
-            .and_then(|r| r.ok().map(|p| *p));
-        match reached {
-            Some(p) => Ok(p),
-            None => Err(ApiError::ProjectionLagging {
-                retry_after: 1,
-                detail: format!(
-                    "the read model includes position {}, not yet {min}",
-                    self.current()
-                ),
-            }),
-        }
+        wait_for_position(&self.rx, min).await
+    }
+
+    /// Waits until the projection named `projection` includes `min`; returns the position it
+    /// includes.
+    pub async fn reach_of(&self, projection: &str, min: Option<i64>) -> Result<i64, ApiError> {
+        let rx = self.by_name.get(projection).ok_or_else(|| {
+            ApiError::Unexpected(anyhow::anyhow!("no projection named {projection}"))
+        })?;
+        wait_for_position(rx, min).await
     }
 }
 
-async fn board_checkpoint(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    ledger_projections::checkpoint(&mut conn, booking_board::NAME).await
+async fn wait_for_position(rx: &watch::Receiver<i64>, min: Option<i64>) -> Result<i64, ApiError> {
+    let Some(min) = min else {
+        return Ok(*rx.borrow());
+    };
+    let mut rx = rx.clone();
+    let reached = tokio::time::timeout(MAX_WAIT, rx.wait_for(|p| *p >= min))
+        .await
+        .ok()
+        .and_then(|r| r.ok().map(|p| *p));
+    match reached {
+        Some(p) => Ok(p),
+        None => Err(ApiError::ProjectionLagging {
+            retry_after: 1,
+            detail: format!(
+                "the read model includes position {}, not yet {min}",
+                *rx.borrow()
+            ),
+        }),
+    }
 }
 
-fn min_position(query: Option<i64>, headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+pub(super) fn min_position(
+    query: Option<i64>,
+    headers: &HeaderMap,
+) -> Result<Option<i64>, ApiError> {
     if query.is_some() {
         return Ok(query);
     }
@@ -123,7 +181,7 @@ fn min_position(query: Option<i64>, headers: &HeaderMap) -> Result<Option<i64>, 
     }
 }
 
-fn answer(position: i64, body: Value) -> Response {
+pub(super) fn answer(position: i64, body: Value) -> Response {
     let mut r = Json(body).into_response();
     if let Ok(v) = HeaderValue::from_str(&position.to_string()) {
         r.headers_mut().insert("x-ledger-position", v);
@@ -142,7 +200,7 @@ pub struct RawQuery {
     min_position: Option<String>,
 }
 
-fn parse_opt<T: std::str::FromStr>(
+pub(super) fn parse_opt<T: std::str::FromStr>(
     name: &'static str,
     raw: &Option<String>,
     expect: &str,
@@ -183,7 +241,7 @@ fn decode_cursor(raw: &str) -> Result<(DateTime<Utc>, Uuid), ApiError> {
 impl AppState {
     /// A booking item as the contract shows it, personal data opened (or `null` and
     /// `"erased": true` once the subject's key is shredded).
-    async fn booking_item(&self, row: &BookingRow) -> Result<Value, ApiError> {
+    pub(crate) async fn booking_item(&self, row: &BookingRow) -> Result<Value, ApiError> {
         let sealed: Option<Sealed> = serde_json::from_value(row.customer.clone()).ok();
         let stream = format!("booking-{}", row.booking_id);
         let opened = match (sealed, self.vault.key(SubjectId(row.subject_id)).await) {

@@ -21,7 +21,7 @@ pub struct TestApp {
     pub database_url: String,
     #[allow(dead_code)]
     pub db_name: String,
-    /// This test's own JetStream stream, which its relay and projection worker use.
+    /// This test's own JetStream stream, which its relay and projection workers use.
     #[allow(dead_code)]
     pub stream: String,
     #[allow(dead_code)]
@@ -67,7 +67,7 @@ pub fn admin_url() -> String {
     })
 }
 
-fn with_database(url: &str, db: &str) -> String {
+pub fn with_database(url: &str, db: &str) -> String {
     match url.rfind('/') {
         Some(i) if url[..i].contains("://") && i > url.find("://").unwrap_or(0) + 2 => {
             let (base, rest) = url.split_at(i);
@@ -138,6 +138,13 @@ pub async fn spawn_app() -> TestApp {
         ledger_projections::booking_board::NAME,
     );
     tokio::spawn(worker.run(shutdown.clone()));
+    let stats_worker = ledger_projections::worker::Worker::new(
+        pool.clone(),
+        connect().await,
+        &relay_config.stream,
+        ledger_projections::daily_stats::NAME,
+    );
+    tokio::spawn(stats_worker.run(shutdown.clone()));
     TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
