@@ -390,6 +390,8 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
     let settings = Settings {
         database_url: url.to_owned(),
         nats_url: String::new(),
+        nats_stream: "LEDGER".into(),
+        nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse()?,
         jwt_secret: jwt_secret.clone(),
         master_key: MasterKey::generate(),
@@ -596,6 +598,8 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
     let settings = Settings {
         database_url: url.clone(),
         nats_url: args.nats_url.clone(),
+        nats_stream: "LEDGER".into(),
+        nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse()?,
         jwt_secret: jwt_secret.clone(),
         master_key: MasterKey::generate(),

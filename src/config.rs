@@ -106,6 +106,20 @@ pub struct ServeConfig {
     /// HTTP listen address.
     #[arg(long, env = "LEDGER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// JetStream stream the relay publishes to and the projection workers read.
+    #[arg(
+        long = "nats-stream",
+        env = "LEDGER_NATS_STREAM",
+        default_value = "LEDGER"
+    )]
+    pub nats_stream: String,
+    /// Subject prefix of that stream: events go to `<prefix>.<category>`.
+    #[arg(
+        long = "nats-subjects",
+        env = "LEDGER_NATS_SUBJECTS",
+        default_value = "ledger.events"
+    )]
+    pub nats_subjects: String,
     #[command(flatten)]
     pub jwt: JwtArgs,
     #[command(flatten)]
@@ -123,6 +137,8 @@ pub struct ServeConfig {
 pub struct Settings {
     pub database_url: String,
     pub nats_url: String,
+    pub nats_stream: String,
+    pub nats_subjects: String,
     pub listen: SocketAddr,
     pub jwt_secret: Vec<u8>,
     pub master_key: MasterKey,
@@ -146,9 +162,28 @@ impl ServeConfig {
             .map(|s| s.expose_secret().as_bytes().to_vec())
             .filter(|s| !s.is_empty())
             .ok_or_else(|| missing("LEDGER_WEBHOOK_SECRET"))?;
+        let token_like = |v: &str| {
+            !v.is_empty()
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+        };
+        if !token_like(&self.nats_stream) || self.nats_stream.contains('.') {
+            return Err(ConfigError {
+                variable: "LEDGER_NATS_STREAM",
+                problem: "must be a JetStream stream name (letters, digits, - and _)".into(),
+            });
+        }
+        if !token_like(&self.nats_subjects) {
+            return Err(ConfigError {
+                variable: "LEDGER_NATS_SUBJECTS",
+                problem: "must be a NATS subject prefix such as ledger.events".into(),
+            });
+        }
         Ok(Settings {
             database_url: self.database.url()?,
             nats_url,
+            nats_stream: self.nats_stream.clone(),
+            nats_subjects: self.nats_subjects.clone(),
             listen,
             jwt_secret: self.jwt.secret()?,
             master_key: self.keys.master_key()?,

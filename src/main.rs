@@ -101,7 +101,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let relay = if only.is_none() || only == Some(Part::Relay) {
                 let pool = ledger::app::connect(&settings.database_url, 4).await?;
                 let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
-                let relay = ledger::relay::Relay::new(pool, nats, Default::default());
+                let config = ledger::relay::RelayConfig {
+                    stream: settings.nats_stream.clone(),
+                    subject_prefix: settings.nats_subjects.clone(),
+                    ..Default::default()
+                };
+                let relay = ledger::relay::Relay::new(pool, nats, config);
                 Some(tokio::spawn(relay.run(shutdown.clone())))
             } else {
                 None
@@ -115,7 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     let worker = ledger_projections::worker::Worker::new(
                         pool.clone(),
                         nats.clone(),
-                        "LEDGER",
+                        &settings.nats_stream,
                         name,
                     );
                     projectors.push(tokio::spawn(worker.run(shutdown.clone())));

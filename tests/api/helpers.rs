@@ -79,6 +79,16 @@ pub fn with_database(url: &str, db: &str) -> String {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn(true).await
+}
+
+/// The API alone: the test runs the relay and projection workers itself (e.g. as processes).
+#[allow(dead_code)]
+pub async fn spawn_api_only() -> TestApp {
+    spawn(false).await
+}
+
+async fn spawn(read_side: bool) -> TestApp {
     let admin = admin_url();
     let db_name = format!("ledger_test_{}", Uuid::new_v4().simple());
     let mut conn = PgConnection::connect(&admin)
@@ -100,6 +110,8 @@ pub async fn spawn_app() -> TestApp {
     let settings = Settings {
         database_url: database_url.clone(),
         nats_url: "nats://127.0.0.1:1".into(),
+        nats_stream: "LEDGER".into(),
+        nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
         jwt_secret: jwt_secret.clone(),
         master_key: MasterKey::generate(),
@@ -125,26 +137,28 @@ pub async fn spawn_app() -> TestApp {
             .await
             .unwrap_or_else(|e| panic!("cannot reach nats-server at NATS_URL: {e}"))
     };
-    let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
-    relay
-        .ensure_stream()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(relay.run(shutdown.clone()));
-    let worker = ledger_projections::worker::Worker::new(
-        pool.clone(),
-        connect().await,
-        &relay_config.stream,
-        ledger_projections::booking_board::NAME,
-    );
-    tokio::spawn(worker.run(shutdown.clone()));
-    let stats_worker = ledger_projections::worker::Worker::new(
-        pool.clone(),
-        connect().await,
-        &relay_config.stream,
-        ledger_projections::daily_stats::NAME,
-    );
-    tokio::spawn(stats_worker.run(shutdown.clone()));
+    if read_side {
+        let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
+        relay
+            .ensure_stream()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(relay.run(shutdown.clone()));
+        let worker = ledger_projections::worker::Worker::new(
+            pool.clone(),
+            connect().await,
+            &relay_config.stream,
+            ledger_projections::booking_board::NAME,
+        );
+        tokio::spawn(worker.run(shutdown.clone()));
+        let stats_worker = ledger_projections::worker::Worker::new(
+            pool.clone(),
+            connect().await,
+            &relay_config.stream,
+            ledger_projections::daily_stats::NAME,
+        );
+        tokio::spawn(stats_worker.run(shutdown.clone()));
+    }
     TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),

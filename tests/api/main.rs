@@ -6,6 +6,7 @@ mod bookings;
 mod concurrency;
 mod conditional;
 mod errors;
+mod faults;
 mod helpers;
 mod idempotency;
 mod lifecycle;

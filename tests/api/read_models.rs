@@ -1098,7 +1098,7 @@ async fn rebuilt_elsewhere(events: &[RecordedEvent]) -> BTreeMap<(Uuid, NaiveDat
 
 /// The live `daily_stats` read model, read through HTTP, equals (1) a plain fold of the `events`
 /// table and (2) a fresh projection rebuilt from Postgres into a second database.
-async fn assert_stats_parity(app: &TestApp) {
+pub(crate) async fn assert_stats_parity(app: &TestApp) {
     let at = head(app).await;
     let events = all_events(&app.pool).await;
     assert_eq!(events.last().map(|e| e.global_position), Some(at));
