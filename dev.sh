@@ -646,10 +646,12 @@ cmd_test() {
   services_up
   pg_drop_test_dbs
   cd "$ROOT"
-  export DATABASE_URL NATS_URL LEDGER_PG_BIN
+  export DATABASE_URL NATS_URL LEDGER_PG_BIN LEDGER_NATS_BIN
   DATABASE_URL="$(url_pg postgres)"
   NATS_URL="$(url_nats)"
   LEDGER_PG_BIN="$PGBIN"
+  # Fault tests start (and kill) a nats-server of their own.
+  LEDGER_NATS_BIN="$NATS_BIN"
   info "cargo test --workspace${*:+ $*}"
   note "DATABASE_URL=$DATABASE_URL NATS_URL=$NATS_URL LEDGER_PG_BIN=$LEDGER_PG_BIN"
   exec cargo test --workspace "$@"

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 struct Parts {
     database_url: String,
+    nats_url: String,
     stream: String,
     subjects: String,
     jwt: String,
@@ -25,7 +26,7 @@ impl Parts {
         Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(["serve", "--only", part])
             .env("DATABASE_URL", &self.database_url)
-            .env("NATS_URL", std::env::var("NATS_URL").unwrap_or_default())
+            .env("NATS_URL", &self.nats_url)
             .env("LEDGER_NATS_STREAM", &self.stream)
             .env("LEDGER_NATS_SUBJECTS", &self.subjects)
             .env("LEDGER_JWT_SECRET", &self.jwt)
@@ -62,82 +63,78 @@ async fn head(app: &TestApp) -> i64 {
         .unwrap_or(-1)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killing_the_relay_and_the_projectors_mid_flow_loses_nothing_and_applies_nothing_twice() {
-    let app = spawn_api_only().await;
+fn parts(app: &TestApp, nats_url: String) -> Parts {
     let id = Uuid::new_v4().simple().to_string();
-    let parts = Parts {
+    Parts {
         database_url: app.database_url.clone(),
+        nats_url,
         stream: format!("LEDGER_FAULT_{id}"),
         subjects: format!("fault{id}.events"),
         jwt: "a-test-secret-that-is-long-enough-for-hs256!".into(),
         master_key: MasterKey::generate().to_base64(),
-    };
-    let (venue, table, room) = app.venue().await;
-    let staff = app.token(Role::Staff);
-
-    // Commands flow the whole time: bookings, confirmations, cancellations, payments.
-    let flow = {
-        let (base, client, token) = (app.base.clone(), app.client.clone(), staff.0.clone());
-        tokio::spawn(async move {
-            let mut accepted = 0;
-            for i in 0..90u32 {
-                let resource = if i % 2 == 0 { table } else { room };
-                let starts = format!("2030-07-{:02}T{:02}:00:00Z", 1 + i / 20, i % 20);
-                let ends = format!("2030-07-{:02}T{:02}:30:00Z", 1 + i / 20, i % 20);
-                let b = client
-                    .post(format!("{base}/v1/bookings"))
-                    .bearer_auth(&token)
-                    .json(&json!({"venue_id": venue, "resource_id": resource, "starts_at": starts,
-                        "ends_at": ends, "party_size": 2,
-                        "customer": {"name": "Fault Guest", "email": format!("fault{i}@example.org")}}))
-                    .send()
-                    .await;
-                let Ok(b) = b else { continue };
-                if b.status() != 201 {
-                    continue;
-                }
-                accepted += 1;
-                let body: serde_json::Value = b.json().await.unwrap_or_default();
-                let id = body["id"].as_str().unwrap_or_default().to_owned();
-                let action = match i % 3 {
-                    0 => "confirm",
-                    1 => "cancel",
-                    _ => continue,
-                };
-                let _ = client
-                    .post(format!("{base}/v1/bookings/{id}/{action}"))
-                    .bearer_auth(&token)
-                    .json(&json!({}))
-                    .send()
-                    .await;
-                if i % 5 == 0 {
-                    let _ = client
-                        .post(format!("{base}/v1/bookings/{id}/payments"))
-                        .bearer_auth(&token)
-                        .json(&json!({"amount_minor": 1000, "currency": "EUR", "kind": "deposit"}))
-                        .send()
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_millis(15)).await;
-            }
-            accepted
-        })
-    };
-
-    let mut relay = parts.spawn("relay");
-    let mut projector = parts.spawn("projector");
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        sigkill(&mut relay).await;
-        relay = parts.spawn("relay");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        sigkill(&mut projector).await;
-        projector = parts.spawn("projector");
     }
-    let accepted = flow.await.unwrap_or_else(|e| panic!("{e}"));
-    assert!(accepted > 50, "commands kept flowing ({accepted} bookings)");
+}
 
+/// Bookings, confirmations, cancellations and payments, one after another, while faults happen.
+fn commands_flow(
+    app: &TestApp,
+    venue: Uuid,
+    table: Uuid,
+    room: Uuid,
+    staff: &Token,
+) -> tokio::task::JoinHandle<i32> {
+    let (base, client, token) = (app.base.clone(), app.client.clone(), staff.0.clone());
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        for i in 0..90u32 {
+            let resource = if i % 2 == 0 { table } else { room };
+            let starts = format!("2030-07-{:02}T{:02}:00:00Z", 1 + i / 20, i % 20);
+            let ends = format!("2030-07-{:02}T{:02}:30:00Z", 1 + i / 20, i % 20);
+            let b = client
+                .post(format!("{base}/v1/bookings"))
+                .bearer_auth(&token)
+                .json(
+                    &json!({"venue_id": venue, "resource_id": resource, "starts_at": starts,
+                    "ends_at": ends, "party_size": 2,
+                    "customer": {"name": "Fault Guest", "email": format!("fault{i}@example.org")}}),
+                )
+                .send()
+                .await;
+            let Ok(b) = b else { continue };
+            if b.status() != 201 {
+                continue;
+            }
+            accepted += 1;
+            let body: serde_json::Value = b.json().await.unwrap_or_default();
+            let id = body["id"].as_str().unwrap_or_default().to_owned();
+            let action = match i % 3 {
+                0 => "confirm",
+                1 => "cancel",
+                _ => continue,
+            };
+            let _ = client
+                .post(format!("{base}/v1/bookings/{id}/{action}"))
+                .bearer_auth(&token)
+                .json(&json!({}))
+                .send()
+                .await;
+            if i % 5 == 0 {
+                let _ = client
+                    .post(format!("{base}/v1/bookings/{id}/payments"))
+                    .bearer_auth(&token)
+                    .json(&json!({"amount_minor": 1000, "currency": "EUR", "kind": "deposit"}))
+                    .send()
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        accepted
+    })
+}
+
+/// Once the faults are over: both read models include the whole log, NATS holds each event once
+/// at its position, and the read models equal a fresh fold of the log.
+async fn assert_settled(app: &TestApp, parts: &Parts) {
     // Everything settles: both read models include the whole log.
     let head = head(&app).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -158,7 +155,7 @@ async fn killing_the_relay_and_the_projectors_mid_flow_loses_nothing_and_applies
 
     // In NATS once each, in order: the stream sequence is the position, the id the event id.
     let js = async_nats::jetstream::new(
-        async_nats::connect(std::env::var("NATS_URL").unwrap_or_default())
+        async_nats::connect(&parts.nats_url)
             .await
             .unwrap_or_else(|e| panic!("{e}")),
     );
@@ -229,7 +226,115 @@ async fn killing_the_relay_and_the_projectors_mid_flow_loses_nothing_and_applies
     // And the daily stats equal a plain fold and a fresh rebuild.
     crate::read_models::assert_stats_parity(&app).await;
 
+    let _ = js.delete_stream(&parts.stream).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_relay_and_the_projectors_mid_flow_loses_nothing_and_applies_nothing_twice() {
+    let app = spawn_api_only().await;
+    let parts = parts(&app, std::env::var("NATS_URL").unwrap_or_default());
+    let (venue, table, room) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let flow = commands_flow(&app, venue, table, room, &staff);
+    let mut relay = parts.spawn("relay");
+    let mut projector = parts.spawn("projector");
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        sigkill(&mut relay).await;
+        relay = parts.spawn("relay");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sigkill(&mut projector).await;
+        projector = parts.spawn("projector");
+    }
+    let accepted = flow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(accepted > 50, "commands kept flowing ({accepted} bookings)");
+    assert_settled(&app, &parts).await;
     sigkill(&mut relay).await;
     sigkill(&mut projector).await;
-    let _ = js.delete_stream(&parts.stream).await;
+}
+
+/// A nats-server of the test's own (the shared one must not be killed under other tests).
+struct Nats {
+    bin: String,
+    port: u16,
+    store: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Nats {
+    async fn start(&mut self) {
+        let child = Command::new(&self.bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(&self.store)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin));
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nats-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_and_restarting_nats_server_mid_flow_loses_nothing() {
+    let bin = std::env::var("LEDGER_NATS_BIN").unwrap_or_else(|_| "nats-server".into());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = std::env::temp_dir().join(format!("ledger-fault-nats-{}", Uuid::new_v4().simple()));
+    let mut nats = Nats {
+        bin,
+        port,
+        store: store.clone(),
+        child: None,
+    };
+    nats.start().await;
+    let app = spawn_api_only().await;
+    let parts = parts(&app, format!("nats://127.0.0.1:{port}"));
+    let (venue, table, room) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let mut relay = parts.spawn("relay");
+    let mut projector = parts.spawn("projector");
+    let flow = commands_flow(&app, venue, table, room, &staff);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nats.kill().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nats.start().await;
+    }
+    let accepted = flow.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        accepted > 50,
+        "commands kept flowing without NATS ({accepted} bookings)"
+    );
+    assert_settled(&app, &parts).await;
+    sigkill(&mut relay).await;
+    sigkill(&mut projector).await;
+    nats.kill().await;
+    let _ = std::fs::remove_dir_all(&store);
 }
