@@ -136,10 +136,10 @@ fn commands_flow(
 /// at its position, and the read models equal a fresh fold of the log.
 async fn assert_settled(app: &TestApp, parts: &Parts) {
     // Everything settles: both read models include the whole log.
-    let head = head(&app).await;
+    let head = head(app).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let cp = checkpoints(&app).await;
+        let cp = checkpoints(app).await;
         if ledger_projections::PROJECTIONS
             .iter()
             .all(|p| cp.get(*p).copied().unwrap_or(0) >= head)
@@ -224,7 +224,7 @@ async fn assert_settled(app: &TestApp, parts: &Parts) {
         );
     }
     // And the daily stats equal a plain fold and a fresh rebuild.
-    crate::read_models::assert_stats_parity(&app).await;
+    crate::read_models::assert_stats_parity(app).await;
 
     let _ = js.delete_stream(&parts.stream).await;
 }
