@@ -1,11 +1,19 @@
 //! # ledger-replay: reading the log back
 //!
 //! Owns every read of the `events` table: by stream (the command side loads state with it), by
-//! global position (relay, audit) and, later, up to a time (as-of), history, rebuild and verify.
-//! It never writes to the log: appending is the write side's alone.
+//! global position (relay, audit), up to a time (as-of), by actor and time (who did what), and,
+//! later, rebuild. It never writes to the log: appending is the write side's alone.
+//!
+//! Layout: [`history`] renders a stream's trail (JSON, CSV), [`as_of`] folds a stream up to a time
+//! with the aggregate's own `evolve`, [`actions`] groups events into the commands callers tried.
 //!
 //! Readers may page with `WHERE global_position > $cursor ORDER BY global_position` and never skip
 //! an event: the append pipeline makes positions gapless and visible in commit order.
+
+pub mod actions;
+pub mod as_of;
+pub mod history;
+pub mod verify;
 
 use chrono::{DateTime, Utc};
 use ledger_events::envelope::RecordedEvent;
@@ -101,4 +109,55 @@ pub async fn recorded_at<'e>(
             .fetch_optional(db)
             .await?;
     Ok(found.map(|(t,)| t))
+}
+
+/// One stream's events recorded at or before `at`, in stream order: what the ledger knew of the
+/// stream then. `recorded_at` never goes backwards along the log (the append pipeline clamps it),
+/// so this is always a prefix of the stream.
+pub async fn read_stream_until<'e>(
+    db: impl PgExecutor<'e>,
+    stream_id: &str,
+    at: DateTime<Utc>,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND recorded_at <= $2 \
+         ORDER BY stream_version"
+    ))
+    .bind(stream_id)
+    .bind(at)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
+/// Up to `limit` events after global position `after`, in global order, whose metadata names
+/// `actor` (if given) and recorded within `[from, to]` (each bound if given): who did what.
+///
+/// The SQL is built for the filters actually given rather than with `$n IS NULL OR ...`, so each
+/// shape gets a plan that uses its index (`events_actor_position`, `events_recorded_at`).
+pub async fn read_actions<'e>(
+    db: impl PgExecutor<'e>,
+    actor: Option<&str>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(format!(
+        "SELECT {COLUMNS} FROM events WHERE global_position > "
+    ));
+    q.push_bind(after);
+    if let Some(actor) = actor {
+        q.push(" AND metadata->>'actor' = ")
+            .push_bind(actor.to_owned());
+    }
+    if let Some(from) = from {
+        q.push(" AND recorded_at >= ").push_bind(from);
+    }
+    if let Some(to) = to {
+        q.push(" AND recorded_at <= ").push_bind(to);
+    }
+    q.push(" ORDER BY global_position LIMIT ").push_bind(limit);
+    let rows: Vec<Row> = q.build_query_as().fetch_all(db).await?;
+    Ok(rows.into_iter().map(Into::into).collect())
 }

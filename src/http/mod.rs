@@ -3,6 +3,8 @@
 //! Handlers live one module per noun (`venues`, `bookings`, `payments`); what every command
 //! shares (body, idempotency, `If-Match`, audit of refusals) is in [`command`].
 
+pub mod audit;
+pub mod audit_verify;
 pub mod auth;
 pub mod availability;
 pub mod bookings;
@@ -105,6 +107,11 @@ pub fn router(state: AppState) -> Router {
             get(queries::customer_bookings),
         )
         .route("/live", get(live::live))
+        .route("/audit/log", get(audit::log))
+        .route("/audit/streams/{stream}", get(audit::stream))
+        .route("/audit/bookings/{id}/as-of", get(audit::booking_as_of))
+        .route("/audit/actions", get(audit::list_actions))
+        .route("/audit/verify", get(audit_verify::verify))
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/reschedule", post(bookings::reschedule))
         .route("/bookings/{id}/cancel", post(bookings::cancel))

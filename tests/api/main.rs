@@ -1,6 +1,7 @@
 //! End-to-end tests through HTTP against real Postgres: one binary, one database per test.
 
 mod audit;
+mod audit_api;
 mod auth;
 mod bookings;
 mod concurrency;
@@ -17,4 +18,5 @@ mod queries;
 mod races;
 mod read_models;
 mod relay;
+mod tamper;
 mod webhook;
