@@ -21,6 +21,9 @@ pub enum WorkerError {
     Database(#[from] sqlx::Error),
     #[error("JetStream: {0}")]
     Nats(String),
+    /// The relay creates the stream with its first round; until then there is nothing to read.
+    #[error("JetStream stream {0} does not exist yet")]
+    NoStream(String),
     #[error("malformed message at stream sequence {sequence}: {reason}")]
     Malformed { sequence: u64, reason: String },
 }
@@ -58,6 +61,9 @@ impl Worker {
         loop {
             match self.consume(&shutdown).await {
                 Ok(()) => return Ok(()),
+                Err(e @ WorkerError::NoStream(_)) => {
+                    tracing::debug!(projection = self.projection, error = %e, "waiting for the relay")
+                }
                 Err(e) => {
                     tracing::warn!(projection = self.projection, error = %e, "projection worker restarting")
                 }
@@ -73,7 +79,18 @@ impl Worker {
         let mut conn = self.pool.acquire().await?;
         let at = crate::checkpoint(&mut conn, self.projection).await?;
         drop(conn);
-        let stream = self.js.get_stream(&self.stream).await.map_err(nats)?;
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| match e.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    WorkerError::NoStream(self.stream.clone())
+                }
+                _ => nats(e),
+            })?;
         let durable = format!("projection_{}", self.projection);
         // Deleting a consumer that does not exist fails; that is fine.
         let _ = stream.delete_consumer(&durable).await;
