@@ -82,9 +82,11 @@ impl Application {
         let read_position = http::queries::ReadPosition::start(pool.clone())
             .await
             .context("listening for projection progress")?;
+        let vault = KeyVault::new(pool.clone(), keyring);
+        tokio::spawn(vault.clone().follow_erasures());
         let state = AppState {
             read_position,
-            vault: KeyVault::new(pool.clone(), keyring),
+            vault,
             pool,
             appender,
             jwt: http::auth::JwtKeys::new(&settings.jwt_secret),

@@ -15,6 +15,7 @@ pub mod payments;
 pub mod problem;
 pub mod queries;
 pub mod stats;
+pub mod subjects;
 pub mod venues;
 
 use crate::store::append::Appender;
@@ -107,6 +108,9 @@ pub fn router(state: AppState) -> Router {
             get(queries::customer_bookings),
         )
         .route("/live", get(live::live))
+        .route("/subjects/search", post(subjects::search))
+        .route("/subjects/{subject_id}/export", get(subjects::export))
+        .route("/subjects/{subject_id}/erase", post(subjects::erase))
         .route("/audit/log", get(audit::log))
         .route("/audit/streams/{stream}", get(audit::stream))
         .route("/audit/bookings/{id}/as-of", get(audit::booking_as_of))

@@ -115,6 +115,78 @@ impl KeyVault {
         Ok(found.map(|(s,)| SubjectId(s)))
     }
 
+    /// Drops a cached key: after an erasure, no process may keep opening the subject's data.
+    pub fn forget(&self, subject: SubjectId) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.remove(&subject);
+        }
+    }
+
+    /// Follows erasures committed by any process (NOTIFY `ledger_erasure` from the shredding
+    /// trigger) and drops their keys from this process's cache. The whole cache is dropped when
+    /// the listener reconnects, since a notification may have been missed meanwhile.
+    pub async fn follow_erasures(self) -> Result<(), sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        listener.listen("ledger_erasure").await?;
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Ok(id) = Uuid::parse_str(n.payload()) {
+                        self.forget(SubjectId(id));
+                    }
+                }
+                // The connection was lost and will be re-established: start from an empty cache.
+                Ok(None) => {
+                    if let Ok(mut cache) = self.cache.write() {
+                        cache.clear();
+                    }
+                }
+                Err(_) if self.pool.is_closed() => return Ok(()),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// The subject an email belongs to, if any (no minting).
+    pub async fn find_subject(&self, email: &str) -> Result<Option<SubjectId>, VaultError> {
+        self.lookup(&self.keyring.blind_index(email)).await
+    }
+
+    /// The subject's key row: key id and wrapped key (`None` once erased); `None` if unknown.
+    pub async fn key_row(
+        &self,
+        subject: SubjectId,
+    ) -> Result<Option<(Uuid, Option<Vec<u8>>)>, VaultError> {
+        Ok(sqlx::query_as(
+            "SELECT key_id, wrapped_key FROM keystore.subject_keys WHERE subject_id = $1",
+        )
+        .bind(subject.0)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The erasure certificate of a subject, if erased.
+    pub async fn certificate(
+        &self,
+        subject: SubjectId,
+    ) -> Result<Option<serde_json::Value>, VaultError> {
+        let row: Option<(serde_json::Value,)> = sqlx::query_as(
+            "SELECT certificate FROM keystore.erasure_certificates WHERE subject_id = $1",
+        )
+        .bind(subject.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(c,)| c))
+    }
+
+    /// Reclaims the space of shredded keys so their bytes do not linger in dead tuples.
+    pub async fn vacuum(&self) -> Result<(), VaultError> {
+        sqlx::query("VACUUM keystore.subject_keys, keystore.subject_lookup")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// The subject's data key; [`VaultError::Erased`] once shredded.
     pub async fn key(&self, subject: SubjectId) -> Result<SubjectKey, VaultError> {
         if let Some(k) = self

@@ -6,6 +6,7 @@ mod auth;
 mod bookings;
 mod concurrency;
 mod conditional;
+mod erasure;
 mod errors;
 mod faults;
 mod helpers;
