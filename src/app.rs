@@ -82,6 +82,11 @@ impl Application {
         let read_position = http::queries::ReadPosition::start(pool.clone())
             .await
             .context("listening for projection progress")?;
+        tokio::spawn(http::audit_verify::checkpoint_periodically(
+            pool.clone(),
+            keyring.signing_seed(),
+            std::time::Duration::from_secs(60),
+        ));
         let vault = KeyVault::new(pool.clone(), keyring);
         tokio::spawn(vault.clone().follow_erasures());
         let state = AppState {

@@ -7,6 +7,7 @@
 //! - [`config`]: environment and flags, validated at start (exit 2 naming the variable).
 //! - [`http`]: the axum API: auth, commands, errors as problem+json, operations endpoints.
 //! - [`store`]: the append pipeline (the only writer of `events`), the key vault, loading state.
+//! - [`rebuild`]: `ledger replay rebuild`, a progress bar over `ledger_replay::rebuild`.
 //! - [`relay`]: publishes the log to NATS JetStream, in order, from the stream's own tail.
 //! - [`app`]: wiring and graceful shutdown. [`seed`]: the demo venue. [`bench`]: benchmarks.
 //!
@@ -17,6 +18,7 @@ pub mod app;
 pub mod bench;
 pub mod config;
 pub mod http;
+pub mod rebuild;
 pub mod relay;
 pub mod seed;
 pub mod store;

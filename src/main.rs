@@ -68,6 +68,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ReplayCommand {
+    /// Rebuilds projections from the log into shadow tables while the API keeps serving, compares
+    /// them with the live ones (differences are reported; the rebuild wins) and swaps them in
+    /// atomically. A progress bar on a terminal; one summary line per projection on stdout.
+    Rebuild {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// A projection to rebuild (repeatable; default: all).
+        #[arg(long = "projection", value_name = "NAME",
+              value_parser = clap::builder::PossibleValuesParser::new(ledger_projections::PROJECTIONS))]
+        projections: Vec<String>,
+    },
     /// A stream's audit trail, oldest first. Personal fields stay sealed; CSV has no payloads.
     /// Exit 1 if the stream has no events.
     History {
@@ -97,6 +108,18 @@ enum ReplayCommand {
     Verify {
         #[command(flatten)]
         database: DatabaseArgs,
+        /// Also check the log against a checkpoint saved earlier (JSON from
+        /// `GET /v1/audit/checkpoints/latest` or `ledger replay checkpoint`): catches a rewritten
+        /// and re-chained history. Exit 1 when it does not match.
+        #[arg(long, value_name = "FILE")]
+        against: Option<std::path::PathBuf>,
+    },
+    /// Signs a checkpoint of the log now and prints it (JSON) for safekeeping outside the system.
+    Checkpoint {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(flatten)]
+        keys: ledger::config::KeyArgs,
     },
 }
 
@@ -269,12 +292,54 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn replay(which: ReplayCommand) -> anyhow::Result<ExitCode> {
     use ledger_replay::{as_of, history};
     match which {
-        ReplayCommand::Verify { database } => {
+        ReplayCommand::Rebuild {
+            database,
+            projections,
+        } => {
+            let url = match database.url() {
+                Ok(u) => u,
+                Err(e) => return Ok(config_error(e)),
+            };
+            let pool = ledger::app::connect(&url, 4).await?;
+            ledger::rebuild::run(&pool, &projections).await?;
+        }
+        ReplayCommand::Checkpoint { database, keys } => {
+            let (url, master) = match (database.url(), keys.master_key()) {
+                (Ok(u), Ok(k)) => (u, k),
+                (Err(e), _) | (_, Err(e)) => return Ok(config_error(e)),
+            };
+            let pool = ledger::app::connect(&url, 2).await?;
+            let seed = ledger_events::pii::Keyring::derive(&master).signing_seed();
+            match ledger_replay::checkpoint::create(&pool, &seed).await? {
+                Some(cp) => emit(&(serde_json::to_string_pretty(&cp)? + "\n"))?,
+                None => {
+                    eprintln!("ledger: the log is empty; nothing to sign");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        ReplayCommand::Verify { database, against } => {
             let url = match database.url() {
                 Ok(u) => u,
                 Err(e) => return Ok(config_error(e)),
             };
             let pool = ledger::app::connect(&url, 2).await?;
+            if let Some(file) = against {
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                let cp: ledger_events::checkpoint::Checkpoint = serde_json::from_str(&text)
+                    .map_err(|e| anyhow::anyhow!("{} is not a checkpoint: {e}", file.display()))?;
+                let report = ledger_replay::checkpoint::verify_against(&pool, &cp).await?;
+                emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+                if !report.consistent {
+                    eprintln!(
+                        "ledger: the log does not match the checkpoint of size {}: {}",
+                        report.size,
+                        report.reason.as_deref().unwrap_or("unknown")
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             let report = ledger_replay::verify::verify(&pool).await?;
             emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
             if !report.intact {

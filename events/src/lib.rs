@@ -13,9 +13,11 @@
 //! - [`venue`], [`booking`], [`payment`]: one aggregate each: commands, events, state, decide, evolve.
 //! - [`pii`]: `Pii<T>`, the key hierarchy, the sealed envelope (XChaCha20-Poly1305), blind index.
 //! - [`chain`]: RFC 8785 canonical JSON, leaf and entry hashes.
+//! - [`checkpoint`]: signed checkpoints (Merkle root + chain head, Ed25519) auditors keep outside.
 
 pub mod booking;
 pub mod chain;
+pub mod checkpoint;
 pub mod envelope;
 pub mod error;
 pub mod ids;

@@ -16,6 +16,9 @@ use uuid::Uuid;
 
 pub const NAME: &str = "booking_board";
 
+/// Every table this projection writes: what a rebuild shadows and swaps (see `ledger-replay`).
+pub const TABLES: &[&str] = &["rm_venues", "rm_resources", "rm_bookings", "rm_payments"];
+
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     event: &RecordedEvent,

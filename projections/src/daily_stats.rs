@@ -30,6 +30,14 @@ use uuid::Uuid;
 
 pub const NAME: &str = "daily_stats";
 
+/// Every table this projection writes: what a rebuild shadows and swaps (see `ledger-replay`).
+pub const TABLES: &[&str] = &[
+    "rm_stats_venues",
+    "rm_stats_bookings",
+    "rm_stats_payments",
+    "rm_daily_stats",
+];
+
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     event: &RecordedEvent,

@@ -7,8 +7,8 @@
 //! Each projection is a fold `(&mut Transaction, &RecordedEvent) -> Result<()>` applied together
 //! with its checkpoint in one transaction: positions at or below the checkpoint are skipped
 //! (delivery is at least once, the effect exactly once), and anything but `checkpoint + 1` is
-//! refused, never silently skipped. The same fold serves the live worker ([`worker`]) and, later,
-//! rebuilds fed from Postgres.
+//! refused, never silently skipped. The same fold serves the live worker ([`worker`]) and
+//! rebuilds fed from Postgres (`ledger-replay`'s `rebuild`, into shadow tables: [`tables`]).
 //!
 //! ## Layout
 //! - [`booking_board`]: venues and resources, bookings, payments: the board, a booking's detail,
@@ -106,7 +106,20 @@ pub async fn apply_batch(
     Ok(at)
 }
 
-async fn apply(
+/// The tables a projection writes (its fold names them unqualified, so they resolve through
+/// `search_path`), or `None` for an unknown projection.
+pub fn tables(projection: &str) -> Option<&'static [&'static str]> {
+    match projection {
+        booking_board::NAME => Some(booking_board::TABLES),
+        daily_stats::NAME => Some(daily_stats::TABLES),
+        _ => None,
+    }
+}
+
+/// Applies one event to a projection's tables, without its checkpoint: the fold itself, which
+/// [`apply_batch`] runs for the live worker and a rebuild runs against its shadow tables (by
+/// `SET LOCAL search_path`). The caller owns ordering and the checkpoint.
+pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     projection: &str,
     event: &RecordedEvent,

@@ -1,18 +1,21 @@
 //! # ledger-replay: reading the log back
 //!
 //! Owns every read of the `events` table: by stream (the command side loads state with it), by
-//! global position (relay, audit), up to a time (as-of), by actor and time (who did what), and,
-//! later, rebuild. It never writes to the log: appending is the write side's alone.
+//! global position (relay, audit), up to a time (as-of), by actor and time (who did what), and
+//! rebuild. It never writes to the log: appending is the write side's alone.
 //!
 //! Layout: [`history`] renders a stream's trail (JSON, CSV), [`as_of`] folds a stream up to a time
-//! with the aggregate's own `evolve`, [`actions`] groups events into the commands callers tried.
+//! with the aggregate's own `evolve`, [`actions`] groups events into the commands callers tried,
+//! [`rebuild`] folds a projection again into shadow tables and swaps them in (blue/green).
 //!
 //! Readers may page with `WHERE global_position > $cursor ORDER BY global_position` and never skip
 //! an event: the append pipeline makes positions gapless and visible in commit order.
 
 pub mod actions;
 pub mod as_of;
+pub mod checkpoint;
 pub mod history;
+pub mod rebuild;
 pub mod verify;
 
 use chrono::{DateTime, Utc};

@@ -116,6 +116,10 @@ pub fn router(state: AppState) -> Router {
         .route("/audit/bookings/{id}/as-of", get(audit::booking_as_of))
         .route("/audit/actions", get(audit::list_actions))
         .route("/audit/verify", get(audit_verify::verify))
+        .route(
+            "/audit/checkpoints/latest",
+            get(audit_verify::latest_checkpoint),
+        )
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/reschedule", post(bookings::reschedule))
         .route("/bookings/{id}/cancel", post(bookings::cancel))

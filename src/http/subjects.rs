@@ -158,6 +158,14 @@ pub async fn erase(
         Err(e) => return Err(ApiError::Unexpected(anyhow::Error::new(e))),
     }
     app.vault.forget(subject);
+    // A checkpoint right after each erasure: auditors can pin the log as it stands once the
+    // key is gone.
+    let (pool, seed) = (app.pool.clone(), app.vault.keyring().signing_seed());
+    tokio::spawn(async move {
+        if let Err(e) = ledger_replay::checkpoint::create(&pool, &seed).await {
+            tracing::warn!(error = %e, "could not sign a checkpoint after an erasure");
+        }
+    });
     let vault = app.vault.clone();
     tokio::spawn(async move {
         if let Err(e) = vault.vacuum().await {

@@ -18,6 +18,7 @@ mod payments;
 mod queries;
 mod races;
 mod read_models;
+mod rebuild;
 mod relay;
 mod tamper;
 mod webhook;

@@ -179,3 +179,126 @@ async fn ledger_replay_verify_exits_0_when_intact_and_1_naming_the_break() {
     assert_eq!(report["first_broken_position"], 3);
     assert!(String::from_utf8_lossy(&broken.stderr).contains("position 3"));
 }
+
+#[tokio::test]
+async fn a_rewritten_and_rechained_history_passes_verify_but_not_a_saved_checkpoint() {
+    let app = spawn_app().await;
+    small_log(&app).await;
+    let ledger = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ledger"))
+            .args(args)
+            .env("DATABASE_URL", &app.database_url)
+            .env(
+                "LEDGER_MASTER_KEY",
+                ledger_events::pii::MasterKey::generate().to_base64(),
+            )
+            .env("RUST_LOG", "error")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    // An auditor takes a signed checkpoint and keeps it outside the system.
+    let signed = ledger(&["replay", "checkpoint"]);
+    assert_eq!(
+        signed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&signed.stderr)
+    );
+    let auditor = app.token(Role::Auditor);
+    let latest = app
+        .send(
+            app.client
+                .get(format!("{}/v1/audit/checkpoints/latest", app.base))
+                .bearer_auth(&auditor.0),
+        )
+        .await;
+    assert_eq!(latest.status, 200);
+    assert_eq!(latest.body["size"], 6);
+    let saved = std::env::temp_dir().join(format!("checkpoint-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&saved, serde_json::to_vec(&latest.body).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let saved_arg = saved.to_string_lossy().to_string();
+    assert_eq!(
+        ledger(&["replay", "verify", "--against", &saved_arg])
+            .status
+            .code(),
+        Some(0)
+    );
+
+    // A superuser rewrites event 5 and re-chains it and the head, so the log is self-consistent.
+    type Row = (
+        uuid::Uuid,
+        String,
+        i64,
+        String,
+        i32,
+        serde_json::Value,
+        serde_json::Value,
+        chrono::DateTime<chrono::Utc>,
+    );
+    let (event_id, stream, version, kind, schema, mut payload, metadata, at): Row = sqlx::query_as(
+        "SELECT event_id, stream_id, stream_version, event_type, schema_version, payload, metadata, recorded_at \
+         FROM events WHERE global_position = 5",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    payload["party_size"] = json!(9);
+    let (prev,): (Vec<u8>,) =
+        sqlx::query_as("SELECT entry_hash FROM events WHERE global_position = 4")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let prev: [u8; 32] = prev.try_into().unwrap_or([0; 32]);
+    let leaf5 = ledger_events::chain::leaf_hash(&ledger_events::chain::HashedRow {
+        global_position: 5,
+        event_id,
+        stream_id: &stream,
+        stream_version: version,
+        event_type: &kind,
+        schema_version: schema,
+        payload: &payload,
+        metadata: &metadata,
+        recorded_at: at,
+    });
+    let entry5 = ledger_events::chain::entry_hash(&prev, &leaf5);
+    let (leaf6,): (Vec<u8>,) =
+        sqlx::query_as("SELECT leaf_hash FROM events WHERE global_position = 6")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    let entry6 = ledger_events::chain::entry_hash(&entry5, &leaf6.try_into().unwrap_or([0; 32]));
+    as_superuser(
+        &app,
+        &format!(
+            "UPDATE events SET payload = '{}'::jsonb, leaf_hash = '\\x{}', entry_hash = '\\x{}' WHERE global_position = 5",
+            payload, hex::encode(leaf5), hex::encode(entry5)
+        ),
+    )
+    .await;
+    as_superuser(
+        &app,
+        &format!(
+            "UPDATE events SET entry_hash = '\\x{}' WHERE global_position = 6",
+            hex::encode(entry6)
+        ),
+    )
+    .await;
+    as_superuser(
+        &app,
+        &format!(
+            "UPDATE log_head SET entry_hash = '\\x{}'",
+            hex::encode(entry6)
+        ),
+    )
+    .await;
+
+    // The chain alone cannot tell...
+    assert_eq!(verify(&app).await.body["intact"], true);
+    // ...the saved checkpoint can.
+    let caught = ledger(&["replay", "verify", "--against", &saved_arg]);
+    assert_eq!(caught.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&caught.stdout).unwrap_or_default();
+    assert_eq!(report["consistent"], false, "{report}");
+    let _ = std::fs::remove_file(&saved);
+}
