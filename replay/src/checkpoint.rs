@@ -1,27 +1,14 @@
 //! Signed checkpoints: making them from the log, and checking the log against a saved one.
 
+use crate::verify::{Row, ROW_COLUMNS};
 use crate::ReadError;
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use ledger_events::chain::{entry_hash, leaf_hash, merkle_root, HashedRow, GENESIS_HASH};
+use chrono::{DurationRound, TimeDelta, Utc};
+use ledger_events::chain::{entry_hash, merkle_root, GENESIS_HASH};
 use ledger_events::checkpoint::{self, Checkpoint};
 use serde::Serialize;
 use sqlx::PgPool;
-use uuid::Uuid;
 
 const PAGE: i64 = 5_000;
-
-#[derive(sqlx::FromRow)]
-struct Row {
-    global_position: i64,
-    event_id: Uuid,
-    stream_id: String,
-    stream_version: i64,
-    event_type: String,
-    schema_version: i32,
-    payload: serde_json::Value,
-    metadata: serde_json::Value,
-    recorded_at: DateTime<Utc>,
-}
 
 /// Leaf hashes of positions 1..=size recomputed from the rows as they are now (never the stored
 /// hash columns, which whoever rewrote a row could have rewritten too), and the chain head at
@@ -34,12 +21,10 @@ async fn recompute(
     let mut chain = GENESIS_HASH;
     let mut next = 1;
     while next <= size {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT global_position, event_id, stream_id, stream_version, event_type, \
-                    schema_version, payload, metadata, recorded_at \
-               FROM events WHERE global_position >= $1 AND global_position <= $2 \
-              ORDER BY global_position LIMIT $3",
-        )
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {ROW_COLUMNS} FROM events WHERE global_position >= $1 \
+             AND global_position <= $2 ORDER BY global_position LIMIT $3"
+        ))
         .bind(next)
         .bind(size)
         .bind(PAGE)
@@ -52,17 +37,7 @@ async fn recompute(
             if r.global_position != next {
                 return Ok(None);
             }
-            let leaf = leaf_hash(&HashedRow {
-                global_position: r.global_position,
-                event_id: r.event_id,
-                stream_id: &r.stream_id,
-                stream_version: r.stream_version,
-                event_type: &r.event_type,
-                schema_version: r.schema_version,
-                payload: &r.payload,
-                metadata: &r.metadata,
-                recorded_at: r.recorded_at,
-            });
+            let leaf = r.recomputed_leaf();
             chain = entry_hash(&chain, &leaf);
             leaves.push(leaf);
             next += 1;

@@ -31,9 +31,10 @@ pub struct VerifyReport {
     pub head: i64,
 }
 
+/// A stored event with its hash columns: what verify and checkpoints recompute from.
 #[derive(sqlx::FromRow)]
-struct Row {
-    global_position: i64,
+pub(crate) struct Row {
+    pub(crate) global_position: i64,
     event_id: Uuid,
     stream_id: String,
     stream_version: i64,
@@ -44,6 +45,27 @@ struct Row {
     recorded_at: DateTime<Utc>,
     leaf_hash: Vec<u8>,
     entry_hash: Vec<u8>,
+}
+
+/// The columns `Row` reads, in order.
+pub(crate) const ROW_COLUMNS: &str = "global_position, event_id, stream_id, stream_version, \
+     event_type, schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash";
+
+impl Row {
+    /// The leaf hash recomputed from the row as stored (never the stored hash column).
+    pub(crate) fn recomputed_leaf(&self) -> [u8; 32] {
+        leaf_hash(&HashedRow {
+            global_position: self.global_position,
+            event_id: self.event_id,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            event_type: &self.event_type,
+            schema_version: self.schema_version,
+            payload: &self.payload,
+            metadata: &self.metadata,
+            recorded_at: self.recorded_at,
+        })
+    }
 }
 
 pub async fn verify(pool: &PgPool) -> Result<VerifyReport, ReadError> {
@@ -63,11 +85,10 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, ReadError> {
         head,
     };
     loop {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT global_position, event_id, stream_id, stream_version, event_type, \
-                    schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash \
-               FROM events WHERE global_position >= $1 ORDER BY global_position LIMIT $2",
-        )
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT {ROW_COLUMNS} FROM events WHERE global_position >= $1 \
+             ORDER BY global_position LIMIT $2"
+        ))
         .bind(expected)
         .bind(PAGE)
         .fetch_all(pool)
@@ -98,17 +119,7 @@ pub async fn verify(pool: &PgPool) -> Result<VerifyReport, ReadError> {
                 ));
             }
             *version = r.stream_version;
-            let leaf = leaf_hash(&HashedRow {
-                global_position: r.global_position,
-                event_id: r.event_id,
-                stream_id: &r.stream_id,
-                stream_version: r.stream_version,
-                event_type: &r.event_type,
-                schema_version: r.schema_version,
-                payload: &r.payload,
-                metadata: &r.metadata,
-                recorded_at: r.recorded_at,
-            });
+            let leaf = r.recomputed_leaf();
             if leaf.as_slice() != r.leaf_hash.as_slice() {
                 return Ok(broken(
                     expected,
