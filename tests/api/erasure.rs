@@ -210,3 +210,118 @@ async fn erasing_or_searching_the_unknown_is_404_and_bodies_are_checked() {
         403
     );
 }
+
+#[tokio::test]
+async fn an_erasure_through_one_api_process_stops_the_other_showing_the_data_within_a_second() {
+    let app = spawn_app().await;
+    let other = app.second_api().await;
+    let (venue, table, _) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let admin = app.token(Role::Admin);
+    let email = unique_email();
+    let b = app
+        .post(
+            "/v1/bookings",
+            &staff,
+            booking_body(venue, table, 18, 20, &email),
+        )
+        .await;
+    let at = b.body["position"].as_i64().unwrap_or(0);
+    let read_other = || {
+        app.send(
+            app.client
+                .get(format!("{other}/v1/bookings/{}?min_position={at}", b.id()))
+                .bearer_auth(&staff.0),
+        )
+    };
+    // The other process has opened (and cached) the subject's key.
+    assert_eq!(read_other().await.body["customer"]["email"], email);
+    let subject = b.body["subject_id"].as_str().unwrap_or_default().to_owned();
+    let cert = app
+        .post(&format!("/v1/subjects/{subject}/erase"), &admin, json!({}))
+        .await;
+    assert_eq!(cert.status, 200);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        let seen = read_other().await;
+        if seen.body["erased"] == true && seen.body["customer"] == Value::Null {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the other process still shows the data: {seen:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bookings_racing_an_erasure_never_mint_a_new_key_for_the_erased_subject() {
+    let app = spawn_app().await;
+    let (venue, table, room) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let admin = app.token(Role::Admin);
+    let email = unique_email();
+    let first = app
+        .post(
+            "/v1/bookings",
+            &staff,
+            booking_body(venue, table, 0, 1, &email),
+        )
+        .await;
+    let subject = first.body["subject_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // Bookings with the same email keep coming while the subject is erased.
+    let racing = (1..13u32).map(|h| {
+        let resource = if h % 2 == 0 { table } else { room };
+        app.post(
+            "/v1/bookings",
+            &staff,
+            booking_body(venue, resource, h, h + 1, &email),
+        )
+    });
+    let erase_path = format!("/v1/subjects/{subject}/erase");
+    let erase = app.post(&erase_path, &admin, json!({}));
+    let (answers, cert) = tokio::join!(futures::future::join_all(racing), erase);
+    assert_eq!(cert.status, 200);
+    assert!(
+        answers.iter().all(|a| a.status == 201 || a.status == 403),
+        "{answers:?}"
+    );
+    // The erased subject's key row is a fence with no key, and stays one.
+    let (wrapped,): (Option<Vec<u8>>,) =
+        sqlx::query_as("SELECT wrapped_key FROM keystore.subject_keys WHERE subject_id = $1::uuid")
+            .bind(&subject)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(wrapped, None);
+    // A booking that resolved the subject's key before the erasure but committed after it was
+    // sealed under the shredded key: it exists, and its personal data is unreadable from birth.
+    // (Known gap: it should rather be re-decided for a new subject; see the session note.)
+    let erased_at = cert.body["position"].as_i64().unwrap_or(i64::MAX);
+    let mut last = erased_at;
+    for a in answers.iter().filter(|a| a.status == 201) {
+        last = last.max(a.body["position"].as_i64().unwrap_or(0));
+    }
+    for a in answers.iter().filter(|a| a.status == 201) {
+        let late = a.body["position"].as_i64().unwrap_or(0) > erased_at;
+        if late && a.body["subject_id"].as_str() == Some(subject.as_str()) {
+            let detail = app
+                .send(
+                    app.client
+                        .get(format!(
+                            "{}/v1/bookings/{}?min_position={last}",
+                            app.base,
+                            a.id()
+                        ))
+                        .bearer_auth(&staff.0),
+                )
+                .await;
+            assert_eq!(detail.body["erased"], true, "{detail:?}");
+            assert_eq!(detail.body["customer"], Value::Null);
+        }
+    }
+}

@@ -26,6 +26,11 @@ pub struct TestApp {
     pub stream: String,
     #[allow(dead_code)]
     pub relay: ledger::relay::RelayConfig,
+    /// The app's master key (base64), so a test can start a second API process over the same data.
+    #[allow(dead_code)]
+    pub master_key: String,
+    #[allow(dead_code)]
+    pub jwt_secret: Vec<u8>,
     shutdown: CancellationToken,
 }
 
@@ -78,6 +83,33 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
+impl TestApp {
+    /// A second API server over the same database and keys, as another process of the same
+    /// deployment would be: its own pool, key cache and listeners. Returns its base URL.
+    #[allow(dead_code)]
+    pub async fn second_api(&self) -> String {
+        let pool = ledger::app::connect(&self.database_url, 8)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let settings = Settings {
+            database_url: self.database_url.clone(),
+            nats_url: "nats://127.0.0.1:1".into(),
+            nats_stream: "LEDGER".into(),
+            nats_subjects: "ledger.events".into(),
+            listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
+            jwt_secret: self.jwt_secret.clone(),
+            master_key: MasterKey::from_base64(&self.master_key).unwrap_or_else(|e| panic!("{e}")),
+            webhook_secret: self.webhook_secret.clone(),
+        };
+        let app = Application::with_parts(pool, None, &settings)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(app.run(self.shutdown.clone()));
+        format!("http://{addr}")
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn(true).await
 }
@@ -107,6 +139,7 @@ async fn spawn(read_side: bool) -> TestApp {
         .unwrap_or_else(|e| panic!("{e:#}"));
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
+    let master_key = MasterKey::generate().to_base64();
     let settings = Settings {
         database_url: database_url.clone(),
         nats_url: "nats://127.0.0.1:1".into(),
@@ -114,7 +147,7 @@ async fn spawn(read_side: bool) -> TestApp {
         nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
         jwt_secret: jwt_secret.clone(),
-        master_key: MasterKey::generate(),
+        master_key: MasterKey::from_base64(&master_key).unwrap_or_else(|e| panic!("{e}")),
         webhook_secret: webhook_secret.clone(),
     };
     let app = Application::with_parts(pool.clone(), None, &settings)
@@ -169,6 +202,8 @@ async fn spawn(read_side: bool) -> TestApp {
         db_name,
         stream: relay_config.stream.clone(),
         relay: relay_config,
+        master_key,
+        jwt_secret: jwt_secret.clone(),
         shutdown,
     }
 }
