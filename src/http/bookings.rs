@@ -355,10 +355,17 @@ async fn lifecycle(
                 .map(|r| text("reason", &r, 2000, true))
                 .transpose()?
             {
-                Some(r) if !r.is_empty() => Some(
-                    app.seal(booking.subject_id, &stream, "BookingCancelled", r)
-                        .await?,
-                ),
+                Some(r) if !r.is_empty() => {
+                    match app
+                        .seal(booking.subject_id, &stream, "BookingCancelled", r)
+                        .await
+                    {
+                        Ok(sealed) => Some(sealed),
+                        // Free text about an erased person is not kept; the cancel still stands.
+                        Err(ApiError::Forbidden(_)) => None,
+                        Err(e) => return Err(e),
+                    }
+                }
                 _ => None,
             };
             slot_change = Some(SlotChange::Release {

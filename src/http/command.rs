@@ -392,6 +392,12 @@ impl AppState {
                     let pause = rand::random::<u64>() % (1 + 2 * attempt as u64);
                     tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
                 }
+                // An erasure committed while this command was decided: decide again (a new
+                // subject for a returning customer; a customer acting as the erased subject is
+                // refused by the vault).
+                Err(AppendError::SubjectErased) if attempt < MAX_ATTEMPTS => {
+                    tracing::debug!(attempt, "the subject was erased meanwhile; deciding again");
+                }
                 Err(AppendError::SlotUnavailable) => {
                     return Err(ApiError::SlotUnavailable(
                         "the resource is already booked for part of that time".into(),

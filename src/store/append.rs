@@ -126,6 +126,9 @@ pub enum AppendError {
     },
     #[error("the slot overlaps another live booking of the resource")]
     SlotUnavailable,
+    /// The command sealed personal data under a key shredded meanwhile: decide again.
+    #[error("the data subject was erased while the command was decided")]
+    SubjectErased,
     #[error("the idempotency key was used with another request")]
     IdempotencyKeyReuse,
     #[error("malformed append: {0}")]
@@ -412,6 +415,7 @@ async fn write_batch(
     let mut stored_keys: HashMap<Vec<u8>, (Vec<u8>, StoredResponse)> = HashMap::new();
     let mut read_done = false;
     let mut slot_refused: HashSet<usize> = HashSet::new();
+    let mut erased_refused: HashSet<usize> = HashSet::new();
     let mut rounds = 0;
     loop {
         rounds += 1;
@@ -438,7 +442,13 @@ async fn write_batch(
             need_read = true;
             continue;
         };
-        let plan = plan_batch(requests, &assumed, &stored_keys, &slot_refused);
+        let plan = plan_batch(
+            requests,
+            &assumed,
+            &stored_keys,
+            &slot_refused,
+            &erased_refused,
+        );
         // A refusal must rest on what the database says, not on a belief.
         let refuses = plan.verdicts.iter().flatten().any(|v| {
             matches!(
@@ -454,6 +464,8 @@ async fn write_batch(
             return Ok(plan.into_verdicts());
         }
         let mut rows = EventRows::default();
+        // Which request each event row belongs to, to map refusals by event back to commands.
+        let mut event_requests: Vec<usize> = Vec::new();
         let mut idem = IdempotencyRows::default();
         let mut slots = SlotRows::default();
         let mut position = head_position;
@@ -483,6 +495,7 @@ async fn write_batch(
                         recorded_at,
                     });
                     chain = entry_hash(&chain, &leaf);
+                    event_requests.push(i);
                     rows.push(
                         position,
                         event,
@@ -582,6 +595,15 @@ async fn write_batch(
                     .map(|v| v.unwrap_or(Err(AppendError::Closed)))
                     .collect());
             }
+            "subject-erased" => {
+                for index in refused {
+                    // Postgres arrays are 1-based; these index event rows.
+                    let k = usize::try_from(index).unwrap_or(0).saturating_sub(1);
+                    if let Some(&i) = event_requests.get(k) {
+                        erased_refused.insert(i);
+                    }
+                }
+            }
             "slots-refused" => {
                 for index in refused {
                     // Postgres arrays are 1-based.
@@ -668,6 +690,7 @@ fn plan_batch(
     stored_versions: &HashMap<String, i64>,
     stored_keys: &HashMap<Vec<u8>, (Vec<u8>, StoredResponse)>,
     slot_refused: &HashSet<usize>,
+    erased_refused: &HashSet<usize>,
 ) -> Plan {
     let mut versions = stored_versions.clone();
     let mut claimed: HashMap<[u8; 32], ([u8; 32], usize)> = HashMap::new();
@@ -680,6 +703,10 @@ fn plan_batch(
         plan.verdicts.push(None);
         if slot_refused.contains(&i) {
             plan.verdicts[i] = Some(Err(AppendError::SlotUnavailable));
+            continue;
+        }
+        if erased_refused.contains(&i) {
+            plan.verdicts[i] = Some(Err(AppendError::SubjectErased));
             continue;
         }
         if let Some(claim) = &request.idempotency {
@@ -837,6 +864,7 @@ mod tests {
             &HashMap::new(),
             &HashMap::new(),
             &HashSet::new(),
+            &HashSet::new(),
         );
         assert_eq!(plan.accepted, vec![0, 1]);
         assert!(matches!(
@@ -850,7 +878,13 @@ mod tests {
         let a = request("s", ExpectedVersion::NoStream, 1);
         let b = request("s", ExpectedVersion::NoStream, 1);
         let refused: HashSet<usize> = [0].into();
-        let plan = plan_batch(&[&a, &b], &HashMap::new(), &HashMap::new(), &refused);
+        let plan = plan_batch(
+            &[&a, &b],
+            &HashMap::new(),
+            &HashMap::new(),
+            &refused,
+            &HashSet::new(),
+        );
         assert_eq!(plan.accepted, vec![1]);
         assert!(matches!(
             plan.verdicts[0],
@@ -874,7 +908,13 @@ mod tests {
             body: Value::Bool(true),
         };
         stored.insert(vec![9u8; 32], (vec![9u8; 32], earlier.clone()));
-        let plan = plan_batch(&[&a, &b, &c, &d], &HashMap::new(), &stored, &HashSet::new());
+        let plan = plan_batch(
+            &[&a, &b, &c, &d],
+            &HashMap::new(),
+            &stored,
+            &HashSet::new(),
+            &HashSet::new(),
+        );
         assert_eq!(plan.accepted, vec![0]);
         assert_eq!(plan.duplicates, vec![(1, 0)]);
         assert!(matches!(

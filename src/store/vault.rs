@@ -62,43 +62,60 @@ impl KeyVault {
         acting_for: Option<SubjectId>,
     ) -> Result<SubjectId, VaultError> {
         let blind = self.keyring.blind_index(email).to_vec();
-        if let Some(found) = self.lookup(&blind).await? {
-            return match acting_for {
-                Some(s) if s != found => Err(VaultError::OtherSubject),
-                _ => Ok(found),
-            };
+        // Twice at most: a subject found just as it is erased has its lookup gone on the retry.
+        for _ in 0..2 {
+            if let Some(found) = self.lookup(&blind).await? {
+                if matches!(acting_for, Some(s) if s != found) {
+                    return Err(VaultError::OtherSubject);
+                }
+                match self.key(found).await {
+                    Ok(_) => return Ok(found),
+                    Err(VaultError::Erased) if acting_for.is_none() => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let candidate = acting_for.unwrap_or_else(SubjectId::mint);
+            let mut tx = self.pool.begin().await?;
+            let key = DataKey::generate();
+            let key_id = Uuid::now_v7();
+            let wrapped = self.keyring.wrap_data_key(candidate.0, key_id, &key);
+            sqlx::query(
+                "INSERT INTO keystore.subject_keys (subject_id, key_id, wrapped_key) \
+                 VALUES ($1, $2, $3) ON CONFLICT (subject_id) DO NOTHING",
+            )
+            .bind(candidate.0)
+            .bind(key_id)
+            .bind(&wrapped)
+            .execute(&mut *tx)
+            .await?;
+            // An erased subject's row is a fence: never bind an email to it (the INSERT above
+            // was a no-op for it). Locked, so an erasure cannot slip in before the commit.
+            let (erased,): (bool,) = sqlx::query_as(
+                "SELECT wrapped_key IS NULL FROM keystore.subject_keys \
+                 WHERE subject_id = $1 FOR SHARE",
+            )
+            .bind(candidate.0)
+            .fetch_one(&mut *tx)
+            .await?;
+            if erased {
+                tx.rollback().await?;
+                return Err(VaultError::Erased);
+            }
+            let bound: Option<(Uuid,)> = sqlx::query_as(
+                "INSERT INTO keystore.subject_lookup (blind_index, subject_id) VALUES ($1, $2) \
+                 ON CONFLICT (blind_index) DO NOTHING RETURNING subject_id",
+            )
+            .bind(&blind)
+            .bind(candidate.0)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if bound.is_some() {
+                tx.commit().await?;
+                return Ok(candidate);
+            }
+            // Someone bound this email concurrently: theirs wins, ours (and its key) is dropped.
+            tx.rollback().await?;
         }
-        let candidate = acting_for.unwrap_or_else(SubjectId::mint);
-        let mut tx = self.pool.begin().await?;
-        let key = DataKey::generate();
-        let key_id = Uuid::now_v7();
-        let wrapped = self.keyring.wrap_data_key(candidate.0, key_id, &key);
-        // An erased subject's fence row makes this a no-op; `key` below then reports it.
-        sqlx::query(
-            "INSERT INTO keystore.subject_keys (subject_id, key_id, wrapped_key) \
-             VALUES ($1, $2, $3) ON CONFLICT (subject_id) DO NOTHING",
-        )
-        .bind(candidate.0)
-        .bind(key_id)
-        .bind(&wrapped)
-        .execute(&mut *tx)
-        .await?;
-        let bound: Option<(Uuid,)> = sqlx::query_as(
-            "INSERT INTO keystore.subject_lookup (blind_index, subject_id) VALUES ($1, $2) \
-             ON CONFLICT (blind_index) DO NOTHING RETURNING subject_id",
-        )
-        .bind(&blind)
-        .bind(candidate.0)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if bound.is_some() {
-            tx.commit().await?;
-            // Fail early for an erased subject rather than at sealing time.
-            self.key(candidate).await?;
-            return Ok(candidate);
-        }
-        // Someone bound this email concurrently: theirs wins, ours (and its fresh key) is dropped.
-        tx.rollback().await?;
         let winner = self.lookup(&blind).await?.ok_or(VaultError::Erased)?;
         match acting_for {
             Some(s) if s != winner => Err(VaultError::OtherSubject),
