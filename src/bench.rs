@@ -150,17 +150,7 @@ fn sample_metadata() -> Metadata {
 
 async fn append(args: AppendBench) -> anyhow::Result<()> {
     let admin_url = args.database.url()?;
-    let db = format!("ledger_bench_{}", Utc::now().format("%Y%m%d%H%M%S"));
-    let mut admin = PgConnection::connect(&admin_url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => anyhow::bail!("DATABASE_URL has no database part"),
-    };
+    let (mut admin, db, url) = scratch_database(&admin_url, "ledger_bench").await?;
     let max_writers = args.writers.iter().copied().max().unwrap_or(1);
     let pool = connect(&url, (max_writers as u32 + 4).max(8)).await?;
     migrate(&pool).await?;
