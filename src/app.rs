@@ -87,7 +87,8 @@ impl Application {
             keyring.signing_seed(),
             std::time::Duration::from_secs(60),
         ));
-        let vault = KeyVault::new(pool.clone(), keyring);
+        let vault = KeyVault::new(pool.clone(), keyring)
+            .with_backup_retention_days(settings.backup_retention_days);
         tokio::spawn(vault.clone().follow_erasures());
         let state = AppState {
             read_position,

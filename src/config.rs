@@ -131,6 +131,32 @@ pub struct ServeConfig {
         hide_env_values = true
     )]
     pub webhook_secret: Option<SecretString>,
+    /// Days database backups are kept: erasure certificates state when the last backup holding
+    /// an erased subject's key expires (1 to 3650).
+    #[arg(
+        long = "backup-retention-days",
+        env = "LEDGER_BACKUP_RETENTION_DAYS",
+        default_value = "30"
+    )]
+    pub backup_retention_days: String,
+}
+
+/// The longest backup retention an erasure certificate may state: ten years.
+pub const MAX_BACKUP_RETENTION_DAYS: u32 = 3650;
+
+/// `LEDGER_BACKUP_RETENTION_DAYS`: whole days, 1 to [`MAX_BACKUP_RETENTION_DAYS`].
+pub fn backup_retention_days(raw: &str) -> Result<u32, ConfigError> {
+    raw.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|d| (1..=MAX_BACKUP_RETENTION_DAYS).contains(d))
+        .ok_or_else(|| ConfigError {
+            variable: "LEDGER_BACKUP_RETENTION_DAYS",
+            problem: format!(
+                "must be a whole number of days from 1 to {MAX_BACKUP_RETENTION_DAYS} \
+                 (how long database backups are kept)"
+            ),
+        })
 }
 
 /// Everything `serve` needs, validated.
@@ -143,6 +169,8 @@ pub struct Settings {
     pub jwt_secret: Vec<u8>,
     pub master_key: MasterKey,
     pub webhook_secret: Vec<u8>,
+    /// How long database backups are kept, in days: erasure certificates state it.
+    pub backup_retention_days: u32,
 }
 
 impl ServeConfig {
@@ -188,6 +216,26 @@ impl ServeConfig {
             jwt_secret: self.jwt.secret()?,
             master_key: self.keys.master_key()?,
             webhook_secret,
+            backup_retention_days: backup_retention_days(&self.backup_retention_days)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backup_retention_is_whole_days_from_one_to_ten_years() {
+        assert_eq!(backup_retention_days("30").ok(), Some(30));
+        assert_eq!(backup_retention_days(" 1 ").ok(), Some(1));
+        assert_eq!(backup_retention_days("3650").ok(), Some(3650));
+        for bad in ["0", "3651", "-1", "", "30d", "1.5", "ten"] {
+            assert_eq!(
+                backup_retention_days(bad).err().map(|e| e.variable),
+                Some("LEDGER_BACKUP_RETENTION_DAYS"),
+                "{bad:?}"
+            );
+        }
     }
 }

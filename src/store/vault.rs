@@ -3,6 +3,7 @@
 //! Keys are minted on first use and only ever stored wrapped by the key-encryption key derived from
 //! `LEDGER_MASTER_KEY`. Unwrapped keys live in a per-process cache; erasure will flush it.
 
+use ledger_events::checkpoint;
 use ledger_events::ids::SubjectId;
 use ledger_events::pii::{DataKey, Keyring};
 use sqlx::PgPool;
@@ -20,6 +21,9 @@ pub enum VaultError {
     OtherSubject,
     #[error("a wrapped key does not open: wrong master key?")]
     Unwrap,
+    /// A stored erasure certificate is not a JSON object (it is only ever written as one).
+    #[error("a stored erasure certificate is malformed")]
+    MalformedCertificate,
     #[error("key vault database failure: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -37,7 +41,13 @@ pub struct KeyVault {
     keyring: Arc<Keyring>,
     /// Unwrapping costs an AEAD open and a query; bookings of a regular come often.
     cache: Arc<RwLock<HashMap<SubjectId, SubjectKey>>>,
+    /// How long database backups are kept (`LEDGER_BACKUP_RETENTION_DAYS`): an erasure records
+    /// it in its event, and its certificate says when the last backup holding the key expires.
+    backup_retention_days: u32,
 }
+
+/// The retention an erasure certificate states when none is configured.
+pub const DEFAULT_BACKUP_RETENTION_DAYS: u32 = 30;
 
 impl KeyVault {
     pub fn new(pool: PgPool, keyring: Arc<Keyring>) -> Self {
@@ -45,7 +55,18 @@ impl KeyVault {
             pool,
             keyring,
             cache: Arc::default(),
+            backup_retention_days: DEFAULT_BACKUP_RETENTION_DAYS,
         }
+    }
+
+    /// The configured backup retention, which erasure certificates state.
+    pub fn with_backup_retention_days(mut self, days: u32) -> Self {
+        self.backup_retention_days = days;
+        self
+    }
+
+    pub fn backup_retention_days(&self) -> u32 {
+        self.backup_retention_days
     }
 
     pub fn keyring(&self) -> &Keyring {
@@ -182,7 +203,13 @@ impl KeyVault {
         .await?)
     }
 
-    /// The erasure certificate of a subject, if erased.
+    /// The erasure certificate of a subject, if erased, signed (see
+    /// [`ledger_events::checkpoint::sign_erasure_certificate`]).
+    ///
+    /// What is stored was written by the shredding trigger inside the erasure's transaction and
+    /// depends on nothing but the log; the signature is made here, with the checkpoints' Ed25519
+    /// key. Ed25519 is deterministic, so every call in every process of the deployment answers
+    /// the same bytes.
     pub async fn certificate(
         &self,
         subject: SubjectId,
@@ -193,7 +220,14 @@ impl KeyVault {
         .bind(subject.0)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.map(|(c,)| c))
+        let Some((stored,)) = row else {
+            return Ok(None);
+        };
+        let serde_json::Value::Object(body) = stored else {
+            return Err(VaultError::MalformedCertificate);
+        };
+        let key = checkpoint::signing_key(&self.keyring.signing_seed());
+        Ok(Some(checkpoint::sign_erasure_certificate(&key, body)))
     }
 
     /// Reclaims the space of shredded keys so their bytes do not linger in dead tuples.

@@ -88,6 +88,13 @@ impl TestApp {
     /// deployment would be: its own pool, key cache and listeners. Returns its base URL.
     #[allow(dead_code)]
     pub async fn second_api(&self) -> String {
+        self.second_api_with_retention(ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS)
+            .await
+    }
+
+    /// [`Self::second_api`] configured with another `LEDGER_BACKUP_RETENTION_DAYS`.
+    #[allow(dead_code)]
+    pub async fn second_api_with_retention(&self, backup_retention_days: u32) -> String {
         let pool = ledger::app::connect(&self.database_url, 8)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
@@ -100,6 +107,7 @@ impl TestApp {
             jwt_secret: self.jwt_secret.clone(),
             master_key: MasterKey::from_base64(&self.master_key).unwrap_or_else(|e| panic!("{e}")),
             webhook_secret: self.webhook_secret.clone(),
+            backup_retention_days,
         };
         let app = Application::with_parts(pool, None, &settings)
             .await
@@ -111,16 +119,23 @@ impl TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
-    spawn(true).await
+    spawn(true, &[]).await
+}
+
+/// [`spawn_app`] over a database with these settings (`ALTER DATABASE … SET name = value`, as the
+/// superuser), made before anything connects to it, so every session of the app has them.
+#[allow(dead_code)]
+pub async fn spawn_app_with_database_settings(settings: &[(&str, &str)]) -> TestApp {
+    spawn(true, settings).await
 }
 
 /// The API alone: the test runs the relay and projection workers itself (e.g. as processes).
 #[allow(dead_code)]
 pub async fn spawn_api_only() -> TestApp {
-    spawn(false).await
+    spawn(false, &[]).await
 }
 
-async fn spawn(read_side: bool) -> TestApp {
+async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
     let admin = admin_url();
     let db_name = format!("ledger_test_{}", Uuid::new_v4().simple());
     let mut conn = PgConnection::connect(&admin)
@@ -130,6 +145,12 @@ async fn spawn(read_side: bool) -> TestApp {
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("create database: {e}"));
+    for (name, value) in database_settings {
+        sqlx::query(&format!("ALTER DATABASE {db_name} SET {name} = '{value}'"))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("ALTER DATABASE … SET {name}: {e}"));
+    }
     let database_url = with_database(&admin, &db_name);
     let pool = ledger::app::connect(&database_url, 16)
         .await
@@ -149,6 +170,7 @@ async fn spawn(read_side: bool) -> TestApp {
         jwt_secret: jwt_secret.clone(),
         master_key: MasterKey::from_base64(&master_key).unwrap_or_else(|e| panic!("{e}")),
         webhook_secret: webhook_secret.clone(),
+        backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
     };
     let app = Application::with_parts(pool.clone(), None, &settings)
         .await
