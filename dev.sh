@@ -510,6 +510,9 @@ print_env() { # ledger|test
   printf 'export NATS_URL=%q\n' "$(url_nats)"
   if [ "$1" = test ]; then
     [ -z "$PGBIN" ] || printf 'export LEDGER_PG_BIN=%q\n' "$PGBIN"
+    # tests/pii.rs scans the Postgres server log and the JetStream store files for personal data.
+    [ -z "$PGLOG" ] || printf 'export LEDGER_PG_LOG=%q\n' "$PGLOG"
+    printf 'export LEDGER_NATS_STORE_DIR=%q\n' "$NATS_STORE"
   else
     printf 'export LEDGER_LISTEN=%q\n' "$LISTEN"
     [ -z "$PGBIN" ] || printf 'export LEDGER_PG_BIN=%q\n' "$PGBIN"
@@ -646,10 +649,12 @@ cmd_test() {
   services_up
   pg_drop_test_dbs
   cd "$ROOT"
-  export DATABASE_URL NATS_URL LEDGER_PG_BIN LEDGER_NATS_BIN
+  export DATABASE_URL NATS_URL LEDGER_PG_BIN LEDGER_NATS_BIN LEDGER_PG_LOG LEDGER_NATS_STORE_DIR
   DATABASE_URL="$(url_pg postgres)"
   NATS_URL="$(url_nats)"
   LEDGER_PG_BIN="$PGBIN"
+  LEDGER_PG_LOG="$PGLOG"
+  LEDGER_NATS_STORE_DIR="$NATS_STORE"
   # Fault tests start (and kill) a nats-server of their own.
   LEDGER_NATS_BIN="$NATS_BIN"
   info "cargo test --workspace${*:+ $*}"
