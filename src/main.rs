@@ -109,10 +109,16 @@ enum ReplayCommand {
         #[command(flatten)]
         database: DatabaseArgs,
         /// Also check the log against a checkpoint saved earlier (JSON from
-        /// `GET /v1/audit/checkpoints/latest` or `ledger replay checkpoint`): catches a rewritten
-        /// and re-chained history. Exit 1 when it does not match.
+        /// `GET /v1/audit/checkpoints/latest` or `ledger replay checkpoint`): its signature, then
+        /// an RFC 9162 consistency proof from its tree to the log now, against its root. Catches a
+        /// rewritten, re-chained or truncated history. The report gains `against`; exit 1 naming
+        /// the failed check when the log does not extend the checkpoint.
         #[arg(long, value_name = "FILE")]
         against: Option<std::path::PathBuf>,
+        /// The Ed25519 public key (hex) the saved checkpoint must be signed by, as pinned when you
+        /// first trusted the ledger. Default: the key of the ledger's latest signed checkpoint.
+        #[arg(long = "public-key", value_name = "HEX", requires = "against", value_parser = parse_public_key)]
+        public_key: Option<String>,
     },
     /// Signs a checkpoint of the log now and prints it (JSON) for safekeeping outside the system.
     Checkpoint {
@@ -129,6 +135,14 @@ enum HistoryFormat {
     Json,
     /// position,event_id,stream,version,type,recorded_at,actor,role,command,request_id
     Csv,
+}
+
+fn parse_public_key(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    match hex::decode(raw) {
+        Ok(bytes) if bytes.len() == 32 => Ok(raw.to_ascii_lowercase()),
+        _ => Err("not an Ed25519 public key: 64 hex digits".into()),
+    }
 }
 
 fn parse_time(raw: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
@@ -318,36 +332,72 @@ async fn replay(which: ReplayCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        ReplayCommand::Verify { database, against } => {
+        ReplayCommand::Verify {
+            database,
+            against,
+            public_key,
+        } => {
             let url = match database.url() {
                 Ok(u) => u,
                 Err(e) => return Ok(config_error(e)),
             };
             let pool = ledger::app::connect(&url, 2).await?;
-            if let Some(file) = against {
-                let text = std::fs::read_to_string(&file)
-                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-                let cp: ledger_events::checkpoint::Checkpoint = serde_json::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("{} is not a checkpoint: {e}", file.display()))?;
-                let report = ledger_replay::checkpoint::verify_against(&pool, &cp).await?;
-                emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
-                if !report.consistent {
-                    eprintln!(
-                        "ledger: the log does not match the checkpoint of size {}: {}",
-                        report.size,
-                        report.reason.as_deref().unwrap_or("unknown")
-                    );
-                    return Ok(ExitCode::FAILURE);
+            let against = match against {
+                Some(file) => {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+                    let cp: ledger_events::checkpoint::Checkpoint = serde_json::from_str(&text)
+                        .map_err(|e| {
+                            anyhow::anyhow!("{} is not a checkpoint: {e}", file.display())
+                        })?;
+                    let report = ledger_replay::checkpoint::verify_against(
+                        &pool,
+                        &cp,
+                        public_key.as_deref(),
+                    )
+                    .await?;
+                    Some(report)
                 }
-            }
+                None => None,
+            };
+            // The rows themselves, whatever the checkpoint said: one report on stdout.
             let report = ledger_replay::verify::verify(&pool).await?;
-            emit(&(serde_json::to_string_pretty(&report)? + "\n"))?;
+            /// `verify`'s report, with the checkpoint's when there is one.
+            #[derive(serde::Serialize)]
+            struct Report<'a> {
+                #[serde(flatten)]
+                log: &'a ledger_replay::verify::VerifyReport,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                against: Option<&'a ledger_replay::checkpoint::AgainstReport>,
+            }
+            let out = Report {
+                log: &report,
+                against: against.as_ref(),
+            };
+            emit(&(serde_json::to_string_pretty(&out)? + "\n"))?;
+            let mut failed = false;
+            if let Some(a) = against.filter(|a| !a.consistent) {
+                let at = a
+                    .first_broken_position
+                    .map(|p| format!(" (first broken position {p})"))
+                    .unwrap_or_default();
+                eprintln!(
+                    "ledger: the log does not extend the checkpoint of size {}: {} check failed{at}: {}",
+                    a.size,
+                    a.failed.map_or("unknown", |c| c.as_str()),
+                    a.reason.as_deref().unwrap_or("unknown")
+                );
+                failed = true;
+            }
             if !report.intact {
                 eprintln!(
                     "ledger: the log is broken at position {}: {}",
                     report.first_broken_position.unwrap_or(0),
                     report.reason.as_deref().unwrap_or("unknown")
                 );
+                failed = true;
+            }
+            if failed {
                 return Ok(ExitCode::FAILURE);
             }
         }

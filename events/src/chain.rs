@@ -3,7 +3,11 @@
 //! Each stored event gets `leaf_hash = SHA-256(0x00 ‖ canonical bytes of the row)` and
 //! `entry_hash = SHA-256(prev_entry_hash ‖ leaf_hash)`, the first event chaining from
 //! [`GENESIS_HASH`]. Editing, inserting, deleting or reordering any row changes every later entry
-//! hash. [`merkle_root`] folds the same leaf hashes into an RFC 9162 tree head for checkpoints.
+//! hash. [`merkle_root`] folds the same leaf hashes into an RFC 9162 tree head for checkpoints;
+//! [`inclusion_path`] and [`consistency_path`] prove a leaf is in a tree and a tree is a prefix of
+//! a later one, and [`verify_inclusion`] and [`verify_consistency`] check such proofs knowing only
+//! the roots (RFC 9162 §2.1.3 and §2.1.4), which is what an outside auditor holding two signed
+//! checkpoints needs.
 //!
 //! The canonical bytes are RFC 8785 (JCS) JSON of the row *as stored*: Postgres `jsonb` drops
 //! whitespace, reorders keys and may renormalise numbers, so hashing the bytes we sent would not
@@ -101,26 +105,275 @@ pub fn entry_hash(prev_entry_hash: &[u8; 32], leaf_hash: &[u8; 32]) -> [u8; 32] 
     hasher.finalize().into()
 }
 
-/// RFC 9162 Merkle tree hash over leaf hashes (MTH with 0x01 interior prefix), for signed checkpoints later.
+/// A SHA-256 digest: a leaf hash or an interior node of the Merkle tree.
+pub type Hash = [u8; 32];
+
+/// RFC 9162 Merkle tree hash over leaf hashes (MTH with 0x01 interior prefix), for signed checkpoints.
 ///
 /// The leaves are already `SHA-256(0x00 ‖ data)`, so a one-leaf tree's root is that leaf. The
 /// empty tree's root is `SHA-256("")`.
-pub fn merkle_root(leaves: &[[u8; 32]]) -> [u8; 32] {
+pub fn merkle_root(leaves: &[Hash]) -> Hash {
     match leaves {
         [] => Sha256::digest([]).into(),
         [leaf] => *leaf,
         _ => {
-            // RFC 9162 §2.1.1: split at the largest power of two strictly below n, which keeps
-            // the left subtree perfect so roots of prefixes stay provably consistent.
-            let split = leaves.len().next_power_of_two() / 2;
-            let (left, right) = leaves.split_at(split);
-            let mut hasher = Sha256::new();
-            hasher.update([NODE_PREFIX]);
-            hasher.update(merkle_root(left));
-            hasher.update(merkle_root(right));
-            hasher.finalize().into()
+            let (left, right) = leaves.split_at(split(leaves.len()));
+            node_hash(&merkle_root(left), &merkle_root(right))
         }
     }
+}
+
+/// `SHA-256(0x01 ‖ left ‖ right)`.
+fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update([NODE_PREFIX]);
+    hasher.update(left);
+    hasher.update(right);
+    hasher.finalize().into()
+}
+
+/// RFC 9162 §2.1.1: the largest power of two strictly below `n` (for `n >= 2`). Splitting there
+/// keeps the left subtree perfect, which is what makes roots of prefixes provably consistent.
+fn split(n: usize) -> usize {
+    n.next_power_of_two() / 2
+}
+
+/// Why a proof does not verify. Only `Ok` proves anything; every error means "not proven".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    /// RFC 9162 defines consistency proofs for `0 < first`: every tree is an extension of the
+    /// empty one, so a proof from size 0 would prove nothing.
+    #[error("a proof from the empty tree (size 0) proves nothing")]
+    EmptyFirstTree,
+    #[error("the first tree (size {first}) is larger than the second (size {second})")]
+    FirstLargerThanSecond { first: u64, second: u64 },
+    #[error("leaf index {index} is not in a tree of size {size}")]
+    IndexOutOfRange { index: u64, size: u64 },
+    #[error("the proof has the wrong number of hashes for these tree sizes")]
+    WrongLength,
+    #[error("two trees of the same size with different roots")]
+    SameSizeDifferentRoots,
+    #[error("the proof does not lead to the first root")]
+    FirstRootMismatch,
+    #[error("the proof does not lead to the second root")]
+    SecondRootMismatch,
+    #[error("the proof does not lead to the root")]
+    RootMismatch,
+}
+
+/// The inclusion proof (audit path) of leaf `index` in the tree over `leaves`: RFC 9162 §2.1.3.1
+/// `PATH(index, D[n])`, siblings ordered from the leaf up. `None` if `index` is not below `n`.
+///
+/// Computes each sibling subtree's root from the leaves: O(n) hashes.
+pub fn inclusion_path(leaves: &[Hash], index: usize) -> Option<Vec<Hash>> {
+    if index >= leaves.len() {
+        return None;
+    }
+    let mut path = Vec::new();
+    path_into(leaves, index, &mut path);
+    Some(path)
+}
+
+fn path_into(leaves: &[Hash], m: usize, out: &mut Vec<Hash>) {
+    // PATH(0, {d(0)}) = {}
+    if leaves.len() <= 1 {
+        return;
+    }
+    let k = split(leaves.len());
+    let (left, right) = leaves.split_at(k);
+    if m < k {
+        // PATH(m, D[n]) = PATH(m, D[0:k]) : MTH(D[k:n])
+        path_into(left, m, out);
+        out.push(merkle_root(right));
+    } else {
+        // PATH(m, D[n]) = PATH(m - k, D[k:n]) : MTH(D[0:k])
+        path_into(right, m - k, out);
+        out.push(merkle_root(left));
+    }
+}
+
+/// The consistency proof from the tree over the first `first` leaves to the tree over all of
+/// `leaves`: RFC 9162 §2.1.4.1 `PROOF(first, D[n]) = SUBPROOF(first, D[n], true)`. Empty when
+/// `first == n` (the trees are the same); `None` when `first` is 0 or larger than `n`.
+///
+/// Computes each subtree root it needs from the leaves: O(n) hashes.
+pub fn consistency_path(leaves: &[Hash], first: usize) -> Option<Vec<Hash>> {
+    if first == 0 || first > leaves.len() {
+        return None;
+    }
+    let mut path = Vec::new();
+    subproof(first, leaves, true, &mut path);
+    Some(path)
+}
+
+/// `b` says whether the subtree `leaves` is the original first tree's whole left edge, whose
+/// root the verifier already holds.
+fn subproof(m: usize, leaves: &[Hash], b: bool, out: &mut Vec<Hash>) {
+    let n = leaves.len();
+    if m == n {
+        // SUBPROOF(m, D[m], true) = {}; SUBPROOF(m, D[m], false) = {MTH(D[m])}
+        if !b {
+            out.push(merkle_root(leaves));
+        }
+        return;
+    }
+    // m < n, and m >= 1 on every call, so n >= 2 here.
+    let k = split(n);
+    let (left, right) = leaves.split_at(k);
+    if m <= k {
+        // SUBPROOF(m, D[n], b) = SUBPROOF(m, D[0:k], b) : MTH(D[k:n])
+        subproof(m, left, b, out);
+        out.push(merkle_root(right));
+    } else {
+        // SUBPROOF(m, D[n], b) = SUBPROOF(m - k, D[k:n], false) : MTH(D[0:k])
+        subproof(m - k, right, false, out);
+        out.push(merkle_root(left));
+    }
+}
+
+/// Checks that `leaf` is the leaf at `index` (0-based) of the tree of `size` leaves whose root is
+/// `root`, given its audit path: the algorithm of RFC 9162 §2.1.3.2, step by step.
+///
+/// The proof binds the leaf to the root, not the size: take `size` and `root` from the same
+/// signed checkpoint.
+pub fn verify_inclusion(
+    index: u64,
+    size: u64,
+    leaf: &Hash,
+    path: &[Hash],
+    root: &Hash,
+) -> Result<(), ProofError> {
+    // 1. leaf_index >= tree_size fails.
+    if index >= size {
+        return Err(ProofError::IndexOutOfRange { index, size });
+    }
+    // 2. fn = leaf_index, sn = tree_size - 1. 3. r = hash.
+    let (mut fn_, mut sn) = (index, size - 1);
+    let mut r = *leaf;
+    // 4. For each p in the inclusion path:
+    for p in path {
+        // a. sn == 0: the path is longer than the tree is deep.
+        if sn == 0 {
+            return Err(ProofError::WrongLength);
+        }
+        // b. p is a left sibling if fn is a right child or the last node of its level.
+        if fn_ & 1 == 1 || fn_ == sn {
+            r = node_hash(p, &r);
+            if fn_ & 1 == 0 {
+                while fn_ & 1 == 0 && fn_ != 0 {
+                    fn_ >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            r = node_hash(&r, p);
+        }
+        // c. Up one level.
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    // 5. sn == 0 and r == root.
+    if sn != 0 {
+        return Err(ProofError::WrongLength);
+    }
+    if r != *root {
+        return Err(ProofError::RootMismatch);
+    }
+    Ok(())
+}
+
+/// Checks that the tree of `first` leaves with root `first_root` is a prefix of the tree of
+/// `second` leaves with root `second_root`, given the consistency proof: the algorithm of RFC 9162
+/// §2.1.4.2, step by step, for `0 < first < second`.
+///
+/// Outside that range: `first == 0` is refused (RFC 9162 defines no such proof, and it would prove
+/// nothing); `first == second` holds exactly when the proof is empty (`SUBPROOF(m, D[m], true) =
+/// {}`) and the roots are equal; `first > second` is refused.
+///
+/// The proof binds the roots, not the sizes: a proof can verify under other sizes whose trees have
+/// the same shape (`(4, 5)` and `(4, 6)` with the same roots, say). Take each size and root from
+/// the same signed checkpoint.
+pub fn verify_consistency(
+    first: u64,
+    second: u64,
+    first_root: &Hash,
+    second_root: &Hash,
+    path: &[Hash],
+) -> Result<(), ProofError> {
+    if first == 0 {
+        return Err(ProofError::EmptyFirstTree);
+    }
+    if first > second {
+        return Err(ProofError::FirstLargerThanSecond { first, second });
+    }
+    if first == second {
+        if !path.is_empty() {
+            return Err(ProofError::WrongLength);
+        }
+        if first_root != second_root {
+            return Err(ProofError::SameSizeDifferentRoots);
+        }
+        return Ok(());
+    }
+    // 1. An empty path fails.
+    if path.is_empty() {
+        return Err(ProofError::WrongLength);
+    }
+    // 2. If first is an exact power of 2, prepend first_hash: the first tree is then a perfect
+    //    subtree of the second, and its root the proof's starting point.
+    let prepended: Vec<Hash>;
+    let path = if first.is_power_of_two() {
+        prepended = std::iter::once(*first_root)
+            .chain(path.iter().copied())
+            .collect();
+        &prepended[..]
+    } else {
+        path
+    };
+    // 3. fn = first - 1, sn = second - 1.
+    let (mut fn_, mut sn) = (first - 1, second - 1);
+    // 4. If LSB(fn) is set, right-shift both until it is not.
+    while fn_ & 1 == 1 {
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    // 5. fr = sr = the first value of the path.
+    let (mut fr, mut sr) = (path[0], path[0]);
+    // 6. For each subsequent value c:
+    for c in &path[1..] {
+        // a. sn == 0: the path is longer than the second tree is deep.
+        if sn == 0 {
+            return Err(ProofError::WrongLength);
+        }
+        // b. c is a left sibling of both the first and the second tree's node...
+        if fn_ & 1 == 1 || fn_ == sn {
+            fr = node_hash(c, &fr);
+            sr = node_hash(c, &sr);
+            if fn_ & 1 == 0 {
+                while fn_ & 1 == 0 && fn_ != 0 {
+                    fn_ >>= 1;
+                    sn >>= 1;
+                }
+            }
+        } else {
+            // ...or a right sibling that only the second tree has.
+            sr = node_hash(&sr, c);
+        }
+        // c. Up one level.
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    // 7. fr == first_hash, sr == second_hash and sn == 0.
+    if sn != 0 {
+        return Err(ProofError::WrongLength);
+    }
+    if fr != *first_root {
+        return Err(ProofError::FirstRootMismatch);
+    }
+    if sr != *second_root {
+        return Err(ProofError::SecondRootMismatch);
+    }
+    Ok(())
 }
 
 fn write_value(out: &mut Vec<u8>, value: &Value) {
@@ -760,6 +1013,425 @@ mod tests {
                 CT_ROOTS[n - 1],
                 "n = {n}"
             );
+        }
+    }
+
+    fn ct_leaves() -> Vec<Hash> {
+        CT_INPUTS
+            .iter()
+            .map(|data| {
+                let mut h = Sha256::new();
+                h.update([LEAF_PREFIX]);
+                h.update(data);
+                h.finalize().into()
+            })
+            .collect()
+    }
+
+    fn h(hex_str: &str) -> Hash {
+        hex::decode(hex_str).unwrap().try_into().unwrap()
+    }
+
+    fn ct_root(n: usize) -> Hash {
+        h(CT_ROOTS[n - 1])
+    }
+
+    // Known answers for the reference tree above, from transparency-dev/merkle
+    // `proof/verify_test.go` (`inclusionProofs`, `consistencyProofs`; its leaves and roots are
+    // the `CT_INPUTS` and `CT_ROOTS` above), at commit 02194e9afb6c1d95b5381350007963aa70fff472
+    // of https://github.com/transparency-dev/merkle. Its leaf numbers are 1-based; ours are
+    // 0-based indexes.
+    const INCLUSION_VECTORS: &[(usize, usize, &[&str])] = &[
+        (1, 1, &[]),
+        (
+            1,
+            8,
+            &[
+                "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+            ],
+        ),
+        (
+            6,
+            8,
+            &[
+                "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+                "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            ],
+        ),
+        (
+            3,
+            3,
+            &["fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125"],
+        ),
+        (
+            2,
+            5,
+            &[
+                "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+            ],
+        ),
+    ];
+
+    const CONSISTENCY_VECTORS: &[(usize, usize, &[&str])] = &[
+        (1, 1, &[]),
+        (
+            1,
+            8,
+            &[
+                "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+            ],
+        ),
+        (
+            6,
+            8,
+            &[
+                "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+                "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            ],
+        ),
+        (
+            2,
+            5,
+            &[
+                "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+                "bc1a0643b12e4d2d7c77918f44e0f4f79a838b6cf9ec5b5c283e1f4d88599e6b",
+            ],
+        ),
+        (
+            6,
+            7,
+            &[
+                "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+                "b08693ec2e721597130641e8211e7eedccb4c26413963eee6c1e2ed16ffb1a5f",
+                "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+            ],
+        ),
+    ];
+
+    /// Every way the reference suite corrupts a valid proof, plus ours: each must fail.
+    fn corrupted(path: &[Hash]) -> Vec<(String, Vec<Hash>)> {
+        let mut out = vec![
+            ("trailing zero hash".to_owned(), [path, &[[0; 32]]].concat()),
+            (
+                "preceding zero hash".to_owned(),
+                [&[[0; 32]], path].concat(),
+            ),
+        ];
+        if let Some(first) = path.first() {
+            out.push(("preceding path[0]".into(), [&[*first], path].concat()));
+            out.push(("truncated".into(), path[..path.len() - 1].to_vec()));
+            out.push(("empty".into(), Vec::new()));
+        }
+        if path.len() > 1 {
+            let mut swapped = path.to_vec();
+            swapped.swap(0, 1);
+            out.push(("swapped path[0] and path[1]".into(), swapped));
+        }
+        for i in 0..path.len() {
+            for bit in [0u8, 4, 7] {
+                let mut flipped = path.to_vec();
+                flipped[i][0] ^= 1 << bit;
+                out.push((format!("path[{i}] bit {bit} flipped"), flipped));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn inclusion_paths_match_the_reference_vectors_and_corruptions_fail() {
+        let leaves = ct_leaves();
+        for &(leaf, size, expected) in INCLUSION_VECTORS {
+            let (index, tree) = (leaf - 1, &leaves[..size]);
+            let path = inclusion_path(tree, index).unwrap();
+            let want: Vec<Hash> = expected.iter().map(|x| h(x)).collect();
+            assert_eq!(path, want, "PATH({index}, D[{size}])");
+            let (i, n, root) = (index as u64, size as u64, ct_root(size));
+            assert_eq!(verify_inclusion(i, n, &leaves[index], &path, &root), Ok(()));
+            for (what, bad) in corrupted(&path) {
+                assert!(
+                    verify_inclusion(i, n, &leaves[index], &bad, &root).is_err(),
+                    "({index}, {size}): {what}"
+                );
+            }
+            let other_leaf = leaves[(index + 1) % 8];
+            for (what, ok) in [
+                (
+                    "index - 1",
+                    i.checked_sub(1)
+                        .map(|j| verify_inclusion(j, n, &leaves[index], &path, &root)),
+                ),
+                (
+                    "index + 1",
+                    Some(verify_inclusion(i + 1, n, &leaves[index], &path, &root)),
+                ),
+                (
+                    "index ^ 2",
+                    Some(verify_inclusion(i ^ 2, n, &leaves[index], &path, &root)),
+                ),
+                (
+                    "size * 2",
+                    Some(verify_inclusion(i, n * 2, &leaves[index], &path, &root)),
+                ),
+                (
+                    "size / 2",
+                    Some(verify_inclusion(i, n / 2, &leaves[index], &path, &root)),
+                ),
+                (
+                    "other leaf",
+                    Some(verify_inclusion(i, n, &other_leaf, &path, &root)),
+                ),
+                (
+                    "empty-tree root",
+                    Some(verify_inclusion(
+                        i,
+                        n,
+                        &leaves[index],
+                        &path,
+                        &merkle_root(&[]),
+                    )),
+                ),
+                (
+                    "other root",
+                    Some(verify_inclusion(
+                        i,
+                        n,
+                        &leaves[index],
+                        &path,
+                        &ct_root(size % 8 + 1),
+                    )),
+                ),
+            ] {
+                if let Some(result) = ok {
+                    assert!(result.is_err(), "({index}, {size}): {what}");
+                }
+            }
+        }
+        assert_eq!(inclusion_path(&leaves, 8), None);
+        assert_eq!(inclusion_path(&[], 0), None);
+        assert_eq!(
+            verify_inclusion(0, 0, &leaves[0], &[], &leaves[0]),
+            Err(ProofError::IndexOutOfRange { index: 0, size: 0 })
+        );
+    }
+
+    #[test]
+    fn consistency_paths_match_the_reference_vectors_and_corruptions_fail() {
+        let leaves = ct_leaves();
+        for &(first, second, expected) in CONSISTENCY_VECTORS {
+            let path = consistency_path(&leaves[..second], first).unwrap();
+            let want: Vec<Hash> = expected.iter().map(|x| h(x)).collect();
+            assert_eq!(path, want, "PROOF({first}, D[{second}])");
+            let (m, n) = (first as u64, second as u64);
+            let (r1, r2) = (ct_root(first), ct_root(second));
+            assert_eq!(verify_consistency(m, n, &r1, &r2, &path), Ok(()));
+            if m == n {
+                continue;
+            }
+            for (what, bad) in corrupted(&path) {
+                assert!(
+                    verify_consistency(m, n, &r1, &r2, &bad).is_err(),
+                    "({first}, {second}): {what}"
+                );
+            }
+            let zero = [0u8; 32];
+            for (what, result) in [
+                ("first - 1", verify_consistency(m - 1, n, &r1, &r2, &path)),
+                ("first + 1", verify_consistency(m + 1, n, &r1, &r2, &path)),
+                ("first ^ 2", verify_consistency(m ^ 2, n, &r1, &r2, &path)),
+                ("second * 2", verify_consistency(m, n * 2, &r1, &r2, &path)),
+                ("second / 2", verify_consistency(m, n / 2, &r1, &r2, &path)),
+                (
+                    "wrong first root",
+                    verify_consistency(m, n, &zero, &r2, &path),
+                ),
+                (
+                    "wrong second root",
+                    verify_consistency(m, n, &r1, &zero, &path),
+                ),
+                ("swapped roots", verify_consistency(m, n, &r2, &r1, &path)),
+            ] {
+                assert!(result.is_err(), "({first}, {second}): {what}");
+            }
+        }
+    }
+
+    #[test]
+    fn consistency_edge_cases_follow_rfc_9162() {
+        let leaves = ct_leaves();
+        let (r4, r8) = (ct_root(4), ct_root(8));
+        // m == n: the empty proof, and only between equal roots.
+        assert_eq!(consistency_path(&leaves, 8), Some(vec![]));
+        assert_eq!(verify_consistency(8, 8, &r8, &r8, &[]), Ok(()));
+        assert_eq!(
+            verify_consistency(8, 8, &r4, &r8, &[]),
+            Err(ProofError::SameSizeDifferentRoots)
+        );
+        assert_eq!(
+            verify_consistency(8, 8, &r8, &r8, &[r8]),
+            Err(ProofError::WrongLength)
+        );
+        // m == 0 proves nothing and is refused, even between "matching" roots; the reference
+        // Go library accepts (0, n) with an empty proof, RFC 9162 defines proofs for 0 < m only.
+        assert_eq!(consistency_path(&leaves, 0), None);
+        let empty = merkle_root(&[]);
+        assert_eq!(
+            verify_consistency(0, 0, &empty, &empty, &[]),
+            Err(ProofError::EmptyFirstTree)
+        );
+        assert_eq!(
+            verify_consistency(0, 8, &empty, &r8, &[]),
+            Err(ProofError::EmptyFirstTree)
+        );
+        // m > n: time travel.
+        assert_eq!(consistency_path(&leaves[..4], 5), None);
+        assert_eq!(
+            verify_consistency(5, 4, &ct_root(5), &r4, &[]),
+            Err(ProofError::FirstLargerThanSecond {
+                first: 5,
+                second: 4
+            })
+        );
+        // m a power of two: the first root is not sent (the verifier prepends it), so the
+        // proof from 4 to 8 is the single right half.
+        let path = consistency_path(&leaves, 4).unwrap();
+        assert_eq!(path, vec![merkle_root(&leaves[4..])]);
+        assert_eq!(verify_consistency(4, 8, &r4, &r8, &path), Ok(()));
+        // m < n with an empty path fails (step 1).
+        assert_eq!(
+            verify_consistency(4, 8, &r4, &r8, &[]),
+            Err(ProofError::WrongLength)
+        );
+        // The proof binds roots, not sizes: (4, 5)'s proof verifies as (4, 6) against the same
+        // roots, because the two trees have the same shape from the verifier's point of view.
+        // Sizes must come signed together with their roots (a checkpoint).
+        let path = consistency_path(&leaves[..5], 4).unwrap();
+        assert_eq!(
+            verify_consistency(4, 6, &r4, &ct_root(5), &path),
+            Ok(()),
+            "documents a property of RFC 9162 proofs, not a bug"
+        );
+        assert!(verify_consistency(4, 6, &r4, &ct_root(6), &path).is_err());
+    }
+
+    /// Leaves that look random: SHA-256 of a seed and the index.
+    fn leaves_from(seed: u64, n: usize) -> Vec<Hash> {
+        (0..n as u64)
+            .map(|i| {
+                let mut hasher = Sha256::new();
+                hasher.update(seed.to_le_bytes());
+                hasher.update(i.to_le_bytes());
+                hasher.finalize().into()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_proof_verifies_for_its_own_sizes_and_roots_and_no_others() {
+        // Every pair of sizes up to 17 (crossing 16, a power of two): with the true roots of
+        // whatever sizes it is checked under, a proof verifies exactly when it is the proof the
+        // generator makes for those sizes.
+        const N: usize = 17;
+        let leaves = leaves_from(1, N);
+        let roots: Vec<Hash> = (0..=N).map(|n| merkle_root(&leaves[..n])).collect();
+        let pairs: Vec<(usize, usize)> =
+            (1..=N).flat_map(|n| (1..=n).map(move |m| (m, n))).collect();
+        let proofs: std::collections::HashMap<(usize, usize), Vec<Hash>> = pairs
+            .iter()
+            .map(|&(m, n)| ((m, n), consistency_path(&leaves[..n], m).unwrap()))
+            .collect();
+        for (&(m, n), path) in &proofs {
+            for &(m2, n2) in &pairs {
+                let verified =
+                    verify_consistency(m2 as u64, n2 as u64, &roots[m2], &roots[n2], path).is_ok();
+                assert_eq!(
+                    verified,
+                    proofs[&(m2, n2)] == *path,
+                    "PROOF({m}, {n}) checked as ({m2}, {n2})"
+                );
+            }
+        }
+        let paths: std::collections::HashMap<(usize, usize), Vec<Hash>> = (1..=N)
+            .flat_map(|n| (0..n).map(move |i| (i, n)))
+            .map(|(i, n)| ((i, n), inclusion_path(&leaves[..n], i).unwrap()))
+            .collect();
+        for (&(i, n), path) in &paths {
+            for (&(i2, n2), expected) in &paths {
+                let verified =
+                    verify_inclusion(i2 as u64, n2 as u64, &leaves[i2], path, &roots[n2]).is_ok();
+                assert_eq!(
+                    verified,
+                    expected == path,
+                    "PATH({i}, {n}) checked as ({i2}, {n2})"
+                );
+            }
+        }
+    }
+
+    fn flip(mut h: Hash, bit: usize) -> Hash {
+        h[bit / 8 % 32] ^= 1 << (bit % 8);
+        h
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn every_prefix_proves_consistent_and_any_change_fails(
+            seed in any::<u64>(),
+            n in 1usize..=130,
+            bit in 0usize..256,
+        ) {
+            let leaves = leaves_from(seed, n + 1);
+            let roots: Vec<Hash> = (0..=n + 1).map(|k| merkle_root(&leaves[..k])).collect();
+            let (nn, r2) = (n as u64, roots[n]);
+            for m in 1..=n {
+                let (mm, r1) = (m as u64, roots[m]);
+                let path = consistency_path(&leaves[..n], m).unwrap();
+                prop_assert_eq!(verify_consistency(mm, nn, &r1, &r2, &path), Ok(()));
+                if m == n {
+                    prop_assert!(path.is_empty());
+                    prop_assert!(verify_consistency(mm, nn, &flip(r1, bit), &r2, &path).is_err());
+                    continue;
+                }
+                for i in 0..path.len() {
+                    let mut bad = path.clone();
+                    bad[i] = flip(bad[i], bit);
+                    prop_assert!(verify_consistency(mm, nn, &r1, &r2, &bad).is_err(), "m={} hash {}", m, i);
+                }
+                prop_assert!(verify_consistency(mm, nn, &flip(r1, bit), &r2, &path).is_err());
+                prop_assert!(verify_consistency(mm, nn, &r1, &flip(r2, bit), &path).is_err());
+                // Other sizes, each with its own true root: only its own proof would do.
+                for (m2, n2) in [(m - 1, n), (m + 1, n), (m, n - 1), (m, n + 1)] {
+                    if m2 == 0 || m2 > n2 || (m2, n2) == (m, n) {
+                        continue;
+                    }
+                    let result = verify_consistency(m2 as u64, n2 as u64, &roots[m2], &roots[n2], &path);
+                    prop_assert!(result.is_err(), "PROOF({}, {}) passed as ({}, {})", m, n, m2, n2);
+                }
+            }
+            for i in 0..n {
+                let path = inclusion_path(&leaves[..n], i).unwrap();
+                let ii = i as u64;
+                prop_assert_eq!(verify_inclusion(ii, nn, &leaves[i], &path, &r2), Ok(()));
+                for j in 0..path.len() {
+                    let mut bad = path.clone();
+                    bad[j] = flip(bad[j], bit);
+                    prop_assert!(verify_inclusion(ii, nn, &leaves[i], &bad, &r2).is_err());
+                }
+                prop_assert!(verify_inclusion(ii, nn, &flip(leaves[i], bit), &path, &r2).is_err());
+                prop_assert!(verify_inclusion(ii, nn, &leaves[i], &path, &flip(r2, bit)).is_err());
+                if i + 1 < n {
+                    prop_assert!(verify_inclusion(ii + 1, nn, &leaves[i + 1], &path, &r2).is_err());
+                }
+            }
         }
     }
 }

@@ -6,7 +6,8 @@
 //! the previous one with the leaf; and `log_head` names the last position and entry hash.
 //! An edited payload, a deleted or inserted row, or a moved ciphertext breaks one of these. A
 //! superuser who rewrites and re-chains the whole tail is caught only against a checkpoint an
-//! auditor kept outside the system (signed checkpoints, later).
+//! auditor kept outside the system: `checkpoint::verify_against` proves by an RFC 9162 consistency
+//! proof that the log now extends it.
 
 use crate::ReadError;
 use chrono::{DateTime, Utc};

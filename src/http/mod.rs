@@ -120,6 +120,14 @@ pub fn router(state: AppState) -> Router {
             "/audit/checkpoints/latest",
             get(audit_verify::latest_checkpoint),
         )
+        .route(
+            "/audit/proofs/consistency",
+            get(audit_verify::consistency_proof),
+        )
+        .route(
+            "/audit/proofs/inclusion",
+            get(audit_verify::inclusion_proof),
+        )
         .route("/bookings/{id}/confirm", post(bookings::confirm))
         .route("/bookings/{id}/reschedule", post(bookings::reschedule))
         .route("/bookings/{id}/cancel", post(bookings::cancel))

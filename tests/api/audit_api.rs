@@ -640,3 +640,245 @@ async fn a_command_of_several_events_is_one_action_even_across_a_page_end() {
     .await;
     assert_eq!(rest.body, json!({"items": [], "next_after": null}));
 }
+
+/// Hex hashes from a proof answer.
+fn hashes(v: &Value) -> Vec<[u8; 32]> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|h| hash(h.as_str().unwrap_or_default()))
+        .collect()
+}
+
+fn hash(hex_str: &str) -> [u8; 32] {
+    hex::decode(hex_str)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or_else(|| panic!("not a hash: {hex_str}"))
+}
+
+/// The ledger signs a checkpoint of the log as it is now (what it does every minute and after
+/// each erasure), and the auditor fetches it from the API.
+async fn signed_checkpoint(
+    app: &TestApp,
+    auditor: &Token,
+) -> ledger_events::checkpoint::Checkpoint {
+    let master = ledger_events::pii::MasterKey::from_base64(&app.master_key)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seed = ledger_events::pii::Keyring::derive(&master).signing_seed();
+    ledger_replay::checkpoint::create(&app.pool, &seed)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let latest = get(app, "/v1/audit/checkpoints/latest", Some(auditor), &[]).await;
+    assert_eq!(latest.status, 200, "{latest:?}");
+    serde_json::from_value(latest.body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn an_auditor_checks_the_logs_growth_offline_from_two_signed_checkpoints_and_a_proof() {
+    use ledger_events::chain::{leaf_hash, verify_consistency, verify_inclusion, HashedRow};
+    let app = spawn_app().await;
+    let auditor = app.token(Role::Auditor);
+    let (_, _, booking, staff) = app.booked().await;
+    let old = signed_checkpoint(&app, &auditor).await;
+
+    // The log grows.
+    assert_eq!(app.confirm(&staff, booking).await.status, 200);
+    app.venue().await;
+    let new = signed_checkpoint(&app, &auditor).await;
+    assert!(new.size > old.size, "{} then {}", old.size, new.size);
+
+    // What the auditor holds: two checkpoints, signed by the key they pinned.
+    assert_eq!(old.verify_signature(), Ok(()));
+    assert_eq!(new.verify_signature(), Ok(()));
+    assert_eq!(old.public_key, new.public_key);
+    let (m, n) = (old.size.to_string(), new.size.to_string());
+    let proof = get(
+        &app,
+        "/v1/audit/proofs/consistency",
+        Some(&auditor),
+        &[("first", &m), ("second", &n)],
+    )
+    .await;
+    assert_eq!(proof.status, 200, "{proof:?}");
+    assert_eq!(
+        (proof.body["first"].as_i64(), proof.body["second"].as_i64()),
+        (Some(old.size), Some(new.size))
+    );
+    let path = hashes(&proof.body["consistency_path"]);
+    let (m, n) = (old.size as u64, new.size as u64);
+    let (old_root, new_root) = (hash(&old.merkle_root), hash(&new.merkle_root));
+    // Offline, with the events crate alone: the old log is a prefix of the new one.
+    assert_eq!(
+        verify_consistency(m, n, &old_root, &new_root, &path),
+        Ok(())
+    );
+    // And the proof is worth something: any change to it, or a root from elsewhere, fails.
+    for i in 0..path.len() {
+        let mut bad = path.clone();
+        bad[i][31] ^= 1;
+        assert!(verify_consistency(m, n, &old_root, &new_root, &bad).is_err());
+    }
+    assert!(verify_consistency(m, n, &new_root, &old_root, &path).is_err());
+
+    // One event the new checkpoint added, read from the audit log: the auditor recomputes its
+    // leaf hash from what the API showed and checks it is in the signed tree.
+    let after = old.size.to_string();
+    let page = get(
+        &app,
+        "/v1/audit/log",
+        Some(&auditor),
+        &[("after", &after), ("limit", "1")],
+    )
+    .await;
+    let event = &page.body["items"][0];
+    let position = event["position"].as_i64().unwrap_or(0);
+    assert_eq!(position, old.size + 1);
+    let recorded_at = time(&event["recorded_at"]);
+    let leaf = leaf_hash(&HashedRow {
+        global_position: position,
+        event_id: event["event_id"]
+            .as_str()
+            .and_then(|s| Uuid::parse_str(s).ok())
+            .unwrap_or_default(),
+        stream_id: event["stream"].as_str().unwrap_or_default(),
+        stream_version: event["version"].as_i64().unwrap_or(0),
+        event_type: event["type"].as_str().unwrap_or_default(),
+        schema_version: event["schema_version"]
+            .as_i64()
+            .and_then(|v| i32::try_from(v).ok())
+            .unwrap_or(0),
+        payload: &event["data"],
+        metadata: &event["metadata"],
+        recorded_at,
+    });
+    let inclusion = get(
+        &app,
+        "/v1/audit/proofs/inclusion",
+        Some(&auditor),
+        &[
+            ("position", &position.to_string()),
+            ("tree_size", &new.size.to_string()),
+        ],
+    )
+    .await;
+    assert_eq!(inclusion.status, 200, "{inclusion:?}");
+    assert_eq!(inclusion.body["leaf_index"], position - 1);
+    assert_eq!(inclusion.body["leaf_hash"], hex::encode(leaf));
+    let audit_path = hashes(&inclusion.body["inclusion_path"]);
+    let index = (position - 1) as u64;
+    assert_eq!(
+        verify_inclusion(index, n, &leaf, &audit_path, &new_root),
+        Ok(())
+    );
+    // It is not in the old tree, and another event's hash does not pass for it.
+    assert!(verify_inclusion(index, n, &leaf, &audit_path, &old_root).is_err());
+    let mut other = leaf;
+    other[0] ^= 1;
+    assert!(verify_inclusion(index, n, &other, &audit_path, &new_root).is_err());
+}
+
+#[tokio::test]
+async fn proof_parameters_are_checked_and_named() {
+    let app = spawn_app().await;
+    app.venue().await; // 3 events
+    let auditor = app.token(Role::Auditor);
+    let consistency = |q: &'static [(&'static str, &'static str)]| {
+        let (app, auditor) = (&app, &auditor);
+        async move { get(app, "/v1/audit/proofs/consistency", Some(auditor), q).await }
+    };
+    let inclusion = |q: &'static [(&'static str, &'static str)]| {
+        let (app, auditor) = (&app, &auditor);
+        async move { get(app, "/v1/audit/proofs/inclusion", Some(auditor), q).await }
+    };
+    // Equal sizes: the empty proof. Up to the head: fine.
+    let same = consistency(&[("first", "3"), ("second", "3")]).await;
+    assert_eq!(same.status, 200, "{same:?}");
+    assert_eq!(same.body["consistency_path"], json!([]));
+    let ok = consistency(&[("first", "1"), ("second", "3")]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        ok.body["consistency_path"].as_array().map(Vec::len),
+        Some(2)
+    );
+    let ok = inclusion(&[("position", "3"), ("tree_size", "3")]).await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+
+    for (query, field) in [
+        (&[("second", "3")][..], "first"),
+        (&[("first", "1")][..], "second"),
+        (&[("first", "abc"), ("second", "3")][..], "first"),
+        (&[("first", "1"), ("second", "3.0")][..], "second"),
+        (&[("first", "0"), ("second", "3")][..], "first"),
+        (&[("first", "-1"), ("second", "3")][..], "first"),
+        (&[("first", "3"), ("second", "2")][..], "first"),
+        (
+            &[("first", "1"), ("first", "2"), ("second", "3")][..],
+            "first",
+        ),
+        (
+            &[("first", "1"), ("second", "99999999999999999999")][..],
+            "second",
+        ),
+    ] {
+        let a = get(&app, "/v1/audit/proofs/consistency", Some(&auditor), query).await;
+        a.assert_problem(400, "validation");
+        assert_eq!(a.field(), field, "{query:?}: {a:?}");
+    }
+    for (query, field) in [
+        (&[("tree_size", "3")][..], "position"),
+        (&[("position", "1")][..], "tree_size"),
+        (&[("position", "0"), ("tree_size", "3")][..], "position"),
+        (&[("position", "x"), ("tree_size", "3")][..], "position"),
+        (&[("position", "2"), ("tree_size", "1")][..], "position"),
+        (&[("position", "1"), ("tree_size", "")][..], "tree_size"),
+    ] {
+        let a = get(&app, "/v1/audit/proofs/inclusion", Some(&auditor), query).await;
+        a.assert_problem(400, "validation");
+        assert_eq!(a.field(), field, "{query:?}: {a:?}");
+    }
+    // A tree the log does not have (yet).
+    consistency(&[("first", "1"), ("second", "4")])
+        .await
+        .assert_problem(404, "not-found");
+    inclusion(&[("position", "1"), ("tree_size", "4")])
+        .await
+        .assert_problem(404, "not-found");
+    inclusion(&[("position", "4"), ("tree_size", "4")])
+        .await
+        .assert_problem(404, "not-found");
+
+    // The audit API's role rules: auditors and admins with a whole-ledger token.
+    let admin = app.token(Role::Admin);
+    let venue_auditor = app.token_with(Role::Auditor, None, Some(vec![Uuid::now_v7()]));
+    let paths: [(&str, &[(&str, &str)]); 4] = [
+        (
+            "/v1/audit/proofs/consistency",
+            &[("first", "1"), ("second", "2")],
+        ),
+        (
+            "/v1/audit/proofs/inclusion",
+            &[("position", "1"), ("tree_size", "2")],
+        ),
+        ("/v1/audit/verify", &[]),
+        ("/v1/audit/checkpoints/latest", &[]),
+    ];
+    for (path, query) in paths {
+        if path != "/v1/audit/checkpoints/latest" {
+            let a = get(&app, path, Some(&admin), query).await;
+            assert_eq!(a.status, 200, "{path}: {a:?}");
+        }
+        for token in [
+            &app.token(Role::Staff),
+            &app.token(Role::Manager),
+            &venue_auditor,
+        ] {
+            get(&app, path, Some(token), query)
+                .await
+                .assert_problem(403, "forbidden");
+        }
+        get(&app, path, None, query)
+            .await
+            .assert_problem(401, "unauthorized");
+    }
+}
