@@ -7,13 +7,19 @@
 //! the stream sequence equals the global position. A tail the stream lost is therefore simply
 //! republished, and a publish refused for a wrong last sequence means "re-read the tail".
 //! `Nats-Msg-Id = event_id` lets the stream drop a duplicate inside its window.
+//!
+//! The lock belongs to a Postgres session, so a restart of Postgres (or a cut connection) takes it
+//! away: the active relay reads the log through that very session, so the first read after losing
+//! it fails, and the relay stops publishing and contends again. A relay that just lost its session
+//! may still be sending the batch it had read while another takes over; that overlap is harmless,
+//! since every publish is conditional on the stream's last sequence.
 
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream, Context};
 use ledger_events::envelope::{RecordedEvent, WireEvent};
 use ledger_events::ids::Category;
 use sqlx::postgres::PgListener;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +47,10 @@ impl Default for RelayConfig {
 const RELAY_LOCK: i64 = 0x6c65_6467_6572_0001;
 /// The longest a missed notification can delay publishing.
 const POLL: Duration = Duration::from_millis(500);
+/// How often a standby tries to take the lock.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
+/// The longest the relay waits to open or close its lock session.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -105,10 +115,24 @@ impl Relay {
     /// Publishes everything the stream does not hold yet; returns how many events it published.
     /// Tests call this to drain the relay instead of sleeping.
     pub async fn publish_pending(&self) -> Result<u64, RelayError> {
+        self.publish_through(None).await
+    }
+
+    /// [`Relay::publish_pending`], reading the log through `leader` (the session holding the
+    /// lock) when given, so that a lost session stops the round before anything is published.
+    async fn publish_through(
+        &self,
+        mut leader: Option<&mut PgConnection>,
+    ) -> Result<u64, RelayError> {
         let mut published = 0;
         let mut tail = self.published_position().await?;
         loop {
-            let events = ledger_replay::read_all(&self.pool, tail, self.config.batch).await?;
+            let events = match &mut leader {
+                Some(session) => {
+                    ledger_replay::read_all(&mut **session, tail, self.config.batch).await?
+                }
+                None => ledger_replay::read_all(&self.pool, tail, self.config.batch).await?,
+            };
             let Some(last) = events.last().map(|e| e.global_position) else {
                 return Ok(published);
             };
@@ -174,49 +198,114 @@ impl Relay {
     }
 
     /// Runs until `shutdown`: waits for leadership, then publishes whenever the log moves
-    /// (LISTEN `ledger_log`), with a short poll covering lost notifications.
+    /// (LISTEN `ledger_log`), with a short poll covering lost notifications. When Postgres goes
+    /// away the relay lets go of leadership and contends again once it is back; it never gives up.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), RelayError> {
-        // The lock lives as long as this connection: if the process dies, Postgres releases it
-        // and a standby takes over.
-        let mut leader = self.pool.acquire().await?;
+        let mut pause = Backoff::default();
+        loop {
+            match self.lead(&shutdown, &mut pause).await {
+                Ok(()) => return Ok(()),
+                // Once per outage at warn level, not at every attempt.
+                Err(e) if pause.is_first() => {
+                    tracing::warn!(error = %e, "relay lost Postgres; contending for leadership again")
+                }
+                Err(e) => tracing::debug!(error = %e, "Postgres still unreachable"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(pause.next()) => {}
+            }
+        }
+    }
+
+    /// Contends for the lock, then publishes while it holds it. `Ok` on shutdown; `Err` when the
+    /// session (and with it, maybe, the lock) is lost.
+    async fn lead(
+        &self,
+        shutdown: &CancellationToken,
+        pause: &mut Backoff,
+    ) -> Result<(), RelayError> {
+        // The lock lives as long as this session: a connection of its own, outside the pool, so it
+        // is never handed to other work, and when it closes or the process dies, Postgres
+        // releases the lock and a standby takes over.
+        let options = self.pool.connect_options();
+        let connect = PgConnection::connect_with(&options);
+        let mut leader = tokio::time::timeout(SESSION_TIMEOUT, connect)
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        *pause = Backoff::default();
         loop {
             let (got,): (bool,) = sqlx::query_as("SELECT pg_try_advisory_lock($1)")
                 .bind(RELAY_LOCK)
-                .fetch_one(&mut *leader)
+                .fetch_one(&mut leader)
                 .await?;
             if got {
                 break;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.cancelled() => {
+                    let _ = tokio::time::timeout(SESSION_TIMEOUT, leader.close()).await;
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(STANDBY_POLL) => {}
             }
         }
         tracing::info!(stream = %self.config.stream, "relay is the active publisher");
+        let led = self.publish_while_leading(&mut leader, shutdown).await;
+        // Ending the session releases the lock (dropped unclosed if Postgres does not answer).
+        let _ = tokio::time::timeout(SESSION_TIMEOUT, leader.close()).await;
+        led
+    }
+
+    async fn publish_while_leading(
+        &self,
+        leader: &mut PgConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RelayError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen("ledger_log").await?;
         loop {
-            match self.publish_pending().await {
+            match self.publish_through(Some(&mut *leader)).await {
                 Ok(n) if n > 0 => tracing::debug!(published = n, "relay published"),
                 Ok(_) => {}
-                // NATS or Postgres away: keep the lock, try again shortly.
+                // The log could not be read through the session that holds the lock: that
+                // session, and the lock, may be gone.
+                Err(e @ RelayError::Read(_)) => return Err(e),
+                // NATS away: keep the lock, try again shortly.
                 Err(e) => tracing::warn!(error = %e, "relay round failed; retrying"),
             }
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return Ok(()),
                 notified = listener.recv() => {
                     if notified.is_err() {
-                        // Postgres is away; PgListener reconnects on the next call.
+                        // Postgres is away; the next round's read tells whether we still lead.
                         tokio::time::sleep(POLL).await;
                     }
                 }
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
-        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
-            .bind(RELAY_LOCK)
-            .execute(&mut *leader)
-            .await;
-        Ok(())
+    }
+}
+
+/// Pauses between attempts to reach Postgres again: doubling from 100 ms, at most 1 s (an attempt
+/// a second costs nothing, and Postgres is used again within a second of being back).
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn is_first(&self) -> bool {
+        self.0 == Backoff::default().0
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        now
     }
 }

@@ -28,6 +28,10 @@ pub enum WorkerError {
     Malformed { sequence: u64, reason: String },
 }
 
+/// Pauses between restarts after failures in a row: doubling from the first to the last.
+const MIN_PAUSE: Duration = Duration::from_millis(250);
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
 fn nats<E: std::fmt::Display>(e: E) -> WorkerError {
     WorkerError::Nats(e.to_string())
 }
@@ -56,10 +60,12 @@ impl Worker {
         }
     }
 
-    /// Runs until `shutdown`, restarting consumption from the checkpoint after any failure.
+    /// Runs until `shutdown`, restarting consumption from the checkpoint after any failure (a
+    /// Postgres restart, NATS away), pausing a little longer each time it fails in a row.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let mut pause = MIN_PAUSE;
         loop {
-            match self.consume(&shutdown).await {
+            match self.consume(&shutdown, &mut pause).await {
                 Ok(()) => return Ok(()),
                 Err(e @ WorkerError::NoStream(_)) => {
                     tracing::debug!(projection = self.projection, error = %e, "waiting for the relay")
@@ -70,12 +76,18 @@ impl Worker {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
+            pause = (pause * 2).min(MAX_PAUSE);
         }
     }
 
-    async fn consume(&self, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    /// `pause` goes back to its minimum once a batch is applied.
+    async fn consume(
+        &self,
+        shutdown: &CancellationToken,
+        pause: &mut Duration,
+    ) -> Result<(), WorkerError> {
         let mut conn = self.pool.acquire().await?;
         let at = crate::checkpoint(&mut conn, self.projection).await?;
         drop(conn);
@@ -136,7 +148,10 @@ impl Worker {
                     })?;
                 events.push(RecordedEvent::from(wire));
             }
+            // A failure here (Postgres away) may or may not have committed: the restart from the
+            // checkpoint tells, and skips what was applied.
             let at = crate::apply_batch(&self.pool, self.projection, &events).await?;
+            *pause = MIN_PAUSE;
             // AckPolicy::All: acknowledging the last message acknowledges the batch.
             last.ack().await.map_err(nats)?;
             tracing::trace!(

@@ -9,6 +9,7 @@ use axum::Json;
 use serde_json::json;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 /// A projection further behind the log than this is not ready to serve.
 pub const MAX_READY_LAG: i64 = 1000;
@@ -55,16 +56,24 @@ async fn lags(app: &AppState, head: i64) -> Result<Vec<Lag>, anyhow::Error> {
     Ok(out)
 }
 
+/// How long readiness waits for Postgres: an unreachable database would otherwise hold the probe
+/// for the pool's whole acquire timeout, longer than probes wait.
+const READY_DB_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub async fn ready(State(app): State<AppState>) -> Response {
-    let head = ledger_replay::head_position(&app.pool).await.ok();
+    let db = async {
+        let head = ledger_replay::head_position(&app.pool).await.ok()?;
+        let lags = lags(&app, head).await.ok()?;
+        Some((head, lags))
+    };
+    let (head, lags) = match tokio::time::timeout(READY_DB_TIMEOUT, db).await {
+        Ok(Some((head, lags))) => (Some(head), lags),
+        Ok(None) | Err(_) => (None, Vec::new()),
+    };
     let postgres = head.is_some();
     let nats = match &app.nats {
         Some(c) => c.connection_state() == async_nats::connection::State::Connected,
         None => false,
-    };
-    let lags = match head {
-        Some(h) => lags(&app, h).await.unwrap_or_default(),
-        None => Vec::new(),
     };
     let projections_ok = postgres && lags.iter().all(|l| l.behind <= MAX_READY_LAG);
     let status = if postgres && nats && projections_ok {

@@ -76,27 +76,43 @@ impl ReadPosition {
             }
         }
         let mut listener = PgListener::connect_with(&pool).await?;
+        // A lost connection is reported (`Ok(None)`) before reconnecting, so the checkpoints
+        // are read again right away: notifications sent while it was down are gone for good.
+        listener.eager_reconnect(false);
         listener.listen("ledger_projection").await?;
         tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
             loop {
+                let mut resync = false;
                 tokio::select! {
-                    n = listener.recv() => match n {
-                        Ok(n) => {
+                    n = listener.try_recv() => match n {
+                        Ok(Some(n)) => {
+                            pause = Duration::from_millis(100);
                             if let Some((name, p)) = n.payload().rsplit_once(':') {
                                 if let Ok(p) = p.parse::<i64>() {
                                     advance(&senders, name, p);
                                 }
                             }
                         }
+                        // Lost; the next `try_recv` connects and listens again.
+                        Ok(None) => resync = true,
                         Err(_) if pool.is_closed() => return,
-                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                        // Postgres is away: try again a little later each time (at most 1 s).
+                        Err(_) => {
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                            resync = true;
+                        }
                     },
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                        if pool.is_closed() { return; }
-                        if let Ok(all) = ledger_projections::checkpoints(&pool).await {
-                            for (name, p) in all {
-                                advance(&senders, &name, p);
-                            }
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => resync = true,
+                }
+                if resync {
+                    if pool.is_closed() {
+                        return;
+                    }
+                    if let Ok(all) = ledger_projections::checkpoints(&pool).await {
+                        for (name, p) in all {
+                            advance(&senders, &name, p);
                         }
                     }
                 }

@@ -197,7 +197,7 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
     // One connection for the writer's whole life: its backend keeps the prepared statements and
     // the plan of `append_batch` warm. A pool would rotate through cold backends.
-    let mut conn: Option<PoolConnection<Postgres>> = None;
+    let mut conn = WriterConnection::default();
     let mut known = Knowledge::default();
     let mut previous = 0;
     while rx.recv_many(&mut batch, MAX_BATCH_COMMANDS).await > 0 {
@@ -213,7 +213,13 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
         metrics.batches.fetch_add(1, Relaxed);
         metrics.commands.fetch_add(jobs.len() as u64, Relaxed);
         metrics.events.fetch_add(events as u64, Relaxed);
-        write_jobs(&pool, &mut conn, &mut known, jobs).await;
+        if let Some(e) = write_jobs(&pool, &mut conn, &mut known, jobs).await {
+            // The database is unreachable: what queued while the writer waited for a connection
+            // would wait as long again. It is answered now (503), and its clients retry.
+            while let Ok(job) = rx.try_recv() {
+                let _ = job.reply.send(Err(AppendError::Database(e.clone())));
+            }
+        }
         metrics
             .batch_micros
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
@@ -251,77 +257,172 @@ async fn gather(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Job>, previous: us
     }
 }
 
+/// Why a batch was not written.
+enum Failed {
+    /// No connection could be had: nothing was sent.
+    Connect(sqlx::Error),
+    /// A statement failed: unless the error is the server's own answer, the batch may or may
+    /// not have committed.
+    Write(sqlx::Error),
+}
+
+/// One try at a batch on the writer's connection. After a failed statement the connection may be
+/// broken and the batch may or may not have committed: the connection is closed, and the next try
+/// starts on a fresh one and re-reads what it believes.
+async fn attempt(
+    pool: &PgPool,
+    conn: &mut WriterConnection,
+    known: &mut Knowledge,
+    requests: &[&AppendRequest],
+) -> Result<Verdicts, Failed> {
+    let c = match writer_connection(pool, conn).await {
+        Ok(c) => c,
+        Err(e) => {
+            known.forget();
+            return Err(Failed::Connect(e));
+        }
+    };
+    let written = write_batch(c, known, requests).await;
+    conn.used = Some(std::time::Instant::now());
+    match written {
+        Ok(verdicts) => Ok(verdicts),
+        Err(e) => {
+            conn.discard();
+            known.forget();
+            Err(Failed::Write(e))
+        }
+    }
+}
+
 /// Writes a batch; if the database refuses the batch as a whole, retries each command alone so
-/// one poisoned command cannot fail its neighbours.
+/// one poisoned command cannot fail its neighbours. Returns the error when the database could not
+/// be reached at all, so the writer answers what queued meanwhile instead of letting it wait for
+/// another connection timeout.
 async fn write_jobs(
     pool: &PgPool,
-    conn: &mut Option<PoolConnection<Postgres>>,
+    conn: &mut WriterConnection,
     known: &mut Knowledge,
     jobs: Vec<Job>,
-) {
+) -> Option<Arc<sqlx::Error>> {
     let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
-    let result = match writer_connection(pool, conn).await {
-        Ok(c) => write_batch(c, known, &requests).await,
-        Err(e) => Err(e),
-    };
-    if result.is_err() {
-        // The connection may be broken and the batch may or may not have committed: the next
-        // batch starts on a fresh connection and re-reads what it believes.
-        *conn = None;
-        known.forget();
+    let mut result = attempt(pool, conn, known, &requests).await;
+    // A server that restarted closed the writer's idle connection: the next statement is answered
+    // with that error response (57P01 and the like), so it certainly was not applied. One more try
+    // on a fresh connection makes a restart invisible to the commands that come after it.
+    if let Err(Failed::Write(e @ sqlx::Error::Database(_))) = &result {
+        if is_unavailable(e) {
+            tracing::debug!(error = %e, "the writer's connection was closed; retrying on a new one");
+            result = attempt(pool, conn, known, &requests).await;
+        }
     }
     match result {
         Ok(results) => {
             for (job, result) in jobs.into_iter().zip(results) {
                 let _ = job.reply.send(result);
             }
+            None
         }
-        Err(e) if jobs.len() > 1 && !is_connection_error(&e) => {
+        Err(Failed::Write(e)) if jobs.len() > 1 && !is_unavailable(&e) => {
             tracing::warn!(error = %e, commands = jobs.len(), "batch refused; retrying one by one");
+            // Once the database is found unreachable, the rest fail at once rather than each
+            // waiting for a connection.
+            let mut unreachable: Option<Arc<sqlx::Error>> = None;
             for job in jobs {
-                let written = match writer_connection(pool, conn).await {
-                    Ok(c) => write_batch(c, known, &[&job.request]).await,
-                    Err(e) => Err(e),
-                };
-                let result = match written {
-                    Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
-                    Err(e) => {
-                        *conn = None;
-                        known.forget();
-                        Err(AppendError::Database(Arc::new(e)))
-                    }
+                let result = match &unreachable {
+                    Some(e) => Err(AppendError::Database(e.clone())),
+                    None => match attempt(pool, conn, known, &[&job.request]).await {
+                        Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
+                        Err(Failed::Connect(e) | Failed::Write(e)) => {
+                            let e = Arc::new(e);
+                            if is_unavailable(&e) {
+                                unreachable = Some(e.clone());
+                            }
+                            Err(AppendError::Database(e))
+                        }
+                    },
                 };
                 let _ = job.reply.send(result);
             }
+            unreachable
         }
-        Err(e) => {
-            tracing::error!(error = %e, commands = jobs.len(), "append batch failed");
+        Err(failed) => {
+            let (e, connect) = match failed {
+                Failed::Connect(e) => (e, true),
+                Failed::Write(e) => (e, false),
+            };
+            if is_unavailable(&e) {
+                tracing::warn!(error = %e, commands = jobs.len(), "append batch failed: database unavailable");
+            } else {
+                tracing::error!(error = %e, commands = jobs.len(), "append batch failed");
+            }
             let e = Arc::new(e);
             for job in jobs {
                 let _ = job.reply.send(Err(AppendError::Database(e.clone())));
             }
+            connect.then_some(e)
+        }
+    }
+}
+
+/// The writer's connection, and when it last ran a batch.
+#[derive(Default)]
+struct WriterConnection {
+    conn: Option<PoolConnection<Postgres>>,
+    used: Option<std::time::Instant>,
+}
+
+/// A connection idle this long is pinged before a batch. A statement that fails on a connection
+/// the server closed meanwhile (a restart, a cut) leaves the batch's outcome unknown, a failed
+/// ping does not; under load batches follow each other closer than this and nothing is added.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl WriterConnection {
+    fn discard(&mut self) {
+        if let Some(mut broken) = self.conn.take() {
+            broken.close_on_drop();
         }
     }
 }
 
 async fn writer_connection<'c>(
     pool: &PgPool,
-    conn: &'c mut Option<PoolConnection<Postgres>>,
+    conn: &'c mut WriterConnection,
 ) -> Result<&'c mut PgConnection, sqlx::Error> {
-    if conn.is_none() {
-        *conn = Some(pool.acquire().await?);
+    use sqlx::Connection;
+    let idle = conn.used.is_none_or(|t| t.elapsed() >= IDLE_CHECK);
+    if let (true, Some(c)) = (idle, conn.conn.as_mut()) {
+        if let Err(e) = c.ping().await {
+            tracing::debug!(error = %e, "the writer's idle connection is gone; opening another");
+            conn.discard();
+        }
     }
-    match conn.as_mut() {
+    if conn.conn.is_none() {
+        conn.conn = Some(pool.acquire().await?);
+    }
+    match conn.conn.as_mut() {
         Some(c) => Ok(&mut **c),
         None => Err(sqlx::Error::PoolClosed),
     }
 }
 
-fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
-    )
+/// Whether an error means the database is unreachable or going away (a restart, a failover, a
+/// cut connection, no connection to be had) rather than refusing this statement: such failures
+/// answer `503` and are worth retrying. SQLSTATE classes 08 (connection exception) and 57P
+/// (the server shutting down or not accepting connections yet), and 53300 (too many
+/// connections).
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300"),
+        _ => false,
+    }
 }
 
 /// One verdict per request, in order.

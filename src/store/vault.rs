@@ -1,14 +1,17 @@
 //! The key vault: data subjects, their wrapped data keys, and the email blind index.
 //!
 //! Keys are minted on first use and only ever stored wrapped by the key-encryption key derived from
-//! `LEDGER_MASTER_KEY`. Unwrapped keys live in a per-process cache; erasure will flush it.
+//! `LEDGER_MASTER_KEY`. Unwrapped keys live in a per-process cache, used only while this process
+//! hears erasures (see [`KeyVault::follow_erasures`]).
 
 use ledger_events::checkpoint;
 use ledger_events::ids::SubjectId;
 use ledger_events::pii::{DataKey, Keyring};
 use sqlx::PgPool;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,12 @@ pub struct KeyVault {
     /// How long database backups are kept (`LEDGER_BACKUP_RETENTION_DAYS`): an erasure records
     /// it in its event, and its certificate says when the last backup holding the key expires.
     backup_retention_days: u32,
+    /// Whether this process hears erasures right now (its LISTEN is up): the cache is used only
+    /// then, since an erasure committed while it is deaf would leave a shredded key cached.
+    hearing: Arc<AtomicBool>,
+    /// Bumped (under the cache's write lock) by every drop from the cache: a key read from the
+    /// database before an erasure is not cached after it.
+    drops: Arc<AtomicU64>,
 }
 
 /// The retention an erasure certificate states when none is configured.
@@ -56,6 +65,8 @@ impl KeyVault {
             keyring,
             cache: Arc::default(),
             backup_retention_days: DEFAULT_BACKUP_RETENTION_DAYS,
+            hearing: Arc::default(),
+            drops: Arc::default(),
         }
     }
 
@@ -157,32 +168,70 @@ impl KeyVault {
     pub fn forget(&self, subject: SubjectId) {
         if let Ok(mut cache) = self.cache.write() {
             cache.remove(&subject);
+            self.drops.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Drops every cached key.
+    fn forget_all(&self) {
+        if let Ok(mut cache) = self.cache.write() {
+            cache.clear();
+            self.drops.fetch_add(1, Ordering::AcqRel);
         }
     }
 
     /// Follows erasures committed by any process (NOTIFY `ledger_erasure` from the shredding
-    /// trigger) and drops their keys from this process's cache. The whole cache is dropped when
-    /// the listener reconnects, since a notification may have been missed meanwhile.
-    pub async fn follow_erasures(self) -> Result<(), sqlx::Error> {
-        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
-        listener.listen("ledger_erasure").await?;
+    /// trigger) and drops their keys from this process's cache; returns when the pool is closed.
+    ///
+    /// Notifications sent while the LISTEN connection is down are lost for good (a Postgres
+    /// restart, a cut connection), so the cache is trusted only while it is up: when the
+    /// connection drops, the cache is emptied and bypassed; once a new LISTEN is in place it is
+    /// emptied again (a key read while deaf may be shredded by now) and used again.
+    pub async fn follow_erasures(self) {
+        let mut pause = Backoff::default();
         loop {
-            match listener.try_recv().await {
-                Ok(Some(n)) => {
-                    if let Ok(id) = Uuid::parse_str(n.payload()) {
-                        self.forget(SubjectId(id));
-                    }
-                }
-                // The connection was lost and will be re-established: start from an empty cache.
-                Ok(None) => {
-                    if let Ok(mut cache) = self.cache.write() {
-                        cache.clear();
-                    }
-                }
-                Err(_) if self.pool.is_closed() => return Ok(()),
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+            if self.pool.is_closed() {
+                return;
             }
+            let mut listener = match self.listen().await {
+                Ok(listener) => listener,
+                Err(e) => {
+                    if pause.is_first() {
+                        tracing::warn!(error = %e, "cannot listen for erasures; keys are not cached meanwhile");
+                    }
+                    tokio::time::sleep(pause.next()).await;
+                    continue;
+                }
+            };
+            pause = Backoff::default();
+            self.forget_all();
+            self.hearing.store(true, Ordering::Release);
+            // Until the connection is lost (`Ok(None)`) or fails: deaf until a new LISTEN.
+            while let Ok(Some(n)) = listener.try_recv().await {
+                match Uuid::parse_str(n.payload()) {
+                    Ok(id) => self.forget(SubjectId(id)),
+                    // Not an id: which key it meant is unknown, so none is kept.
+                    Err(_) => self.forget_all(),
+                }
+            }
+            self.hearing.store(false, Ordering::Release);
+            self.forget_all();
+            if self.pool.is_closed() {
+                return;
+            }
+            tracing::warn!(
+                "lost the erasure listener's connection; keys are not cached until it is back"
+            );
         }
+    }
+
+    async fn listen(&self) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        // A lost connection is reported at once (`Ok(None)`), not after reconnecting: the cache
+        // must stop being trusted before anything else happens.
+        listener.eager_reconnect(false);
+        listener.listen("ledger_erasure").await?;
+        Ok(listener)
     }
 
     /// The subject an email belongs to, if any (no minting).
@@ -240,14 +289,18 @@ impl KeyVault {
 
     /// The subject's data key; [`VaultError::Erased`] once shredded.
     pub async fn key(&self, subject: SubjectId) -> Result<SubjectKey, VaultError> {
-        if let Some(k) = self
-            .cache
-            .read()
-            .ok()
-            .and_then(|c| c.get(&subject).cloned())
-        {
-            return Ok(k);
+        let hearing = self.hearing.load(Ordering::Acquire);
+        if hearing {
+            if let Some(k) = self
+                .cache
+                .read()
+                .ok()
+                .and_then(|c| c.get(&subject).cloned())
+            {
+                return Ok(k);
+            }
         }
+        let drops = self.drops.load(Ordering::Acquire);
         let row: Option<(Uuid, Option<Vec<u8>>)> = sqlx::query_as(
             "SELECT key_id, wrapped_key FROM keystore.subject_keys WHERE subject_id = $1",
         )
@@ -263,8 +316,34 @@ impl KeyVault {
             .map_err(|_| VaultError::Unwrap)?;
         let found = SubjectKey { key_id, key };
         if let Ok(mut cache) = self.cache.write() {
-            cache.insert(subject, found.clone());
+            // Cached only if nothing was dropped since the row was read (an erasure may have
+            // come in between) and erasures are heard.
+            if self.drops.load(Ordering::Acquire) == drops && self.hearing.load(Ordering::Acquire) {
+                cache.insert(subject, found.clone());
+            }
         }
         Ok(found)
+    }
+}
+
+/// Pauses between reconnection attempts: doubling from 100 ms, at most 1 s (an attempt a second
+/// costs nothing, and keys are cached again within a second of Postgres being back).
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff(Duration::from_millis(100))
+    }
+}
+
+impl Backoff {
+    fn is_first(&self) -> bool {
+        self.0 == Backoff::default().0
+    }
+
+    fn next(&mut self) -> Duration {
+        let now = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        now
     }
 }

@@ -12,17 +12,29 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-struct Parts {
+pub(crate) struct Parts {
     database_url: String,
-    nats_url: String,
-    stream: String,
+    pub(crate) nats_url: String,
+    pub(crate) stream: String,
     subjects: String,
     jwt: String,
     master_key: String,
+    /// Where the parts' logs (warnings and errors) go, one file per process; nowhere when `None`.
+    pub(crate) logs: Option<std::path::PathBuf>,
 }
 
 impl Parts {
-    fn spawn(&self, part: &str) -> Child {
+    pub(crate) fn spawn(&self, part: &str) -> Child {
+        let (stderr, level) = match &self.logs {
+            Some(dir) => {
+                let path = dir.join(format!("ledger-{part}-{}.log", Uuid::new_v4().simple()));
+                match std::fs::File::create(&path) {
+                    Ok(f) => (std::process::Stdio::from(f), "warn"),
+                    Err(e) => panic!("cannot create {}: {e}", path.display()),
+                }
+            }
+            None => (std::process::Stdio::null(), "error"),
+        };
         Command::new(env!("CARGO_BIN_EXE_ledger"))
             .args(["serve", "--only", part])
             .env("DATABASE_URL", &self.database_url)
@@ -33,21 +45,21 @@ impl Parts {
             .env("LEDGER_MASTER_KEY", &self.master_key)
             .env("LEDGER_WEBHOOK_SECRET", "unused-by-these-parts")
             .env("LEDGER_LISTEN", "127.0.0.1:0")
-            .env("RUST_LOG", "error")
+            .env("RUST_LOG", level)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start ledger serve --only {part}: {e}"))
     }
 }
 
-async fn sigkill(child: &mut Child) {
+pub(crate) async fn sigkill(child: &mut Child) {
     // tokio's kill() is SIGKILL: no shutdown path runs.
     let _ = child.kill().await;
 }
 
-async fn checkpoints(app: &TestApp) -> BTreeMap<String, i64> {
+pub(crate) async fn checkpoints(app: &TestApp) -> BTreeMap<String, i64> {
     sqlx::query_as::<_, (String, i64)>("SELECT projection, position FROM projection_checkpoints")
         .fetch_all(&app.pool)
         .await
@@ -56,14 +68,14 @@ async fn checkpoints(app: &TestApp) -> BTreeMap<String, i64> {
         .collect()
 }
 
-async fn head(app: &TestApp) -> i64 {
+pub(crate) async fn head(app: &TestApp) -> i64 {
     sqlx::query_scalar("SELECT position FROM log_head")
         .fetch_one(&app.pool)
         .await
         .unwrap_or(-1)
 }
 
-fn parts(app: &TestApp, nats_url: String) -> Parts {
+pub(crate) fn parts(app: &TestApp, nats_url: String) -> Parts {
     let id = Uuid::new_v4().simple().to_string();
     Parts {
         database_url: app.database_url.clone(),
@@ -72,6 +84,7 @@ fn parts(app: &TestApp, nats_url: String) -> Parts {
         subjects: format!("fault{id}.events"),
         jwt: "a-test-secret-that-is-long-enough-for-hs256!".into(),
         master_key: MasterKey::generate().to_base64(),
+        logs: None,
     }
 }
 
@@ -134,7 +147,7 @@ fn commands_flow(
 
 /// Once the faults are over: both read models include the whole log, NATS holds each event once
 /// at its position, and the read models equal a fresh fold of the log.
-async fn assert_settled(app: &TestApp, parts: &Parts) {
+pub(crate) async fn assert_settled(app: &TestApp, parts: &Parts) {
     // Everything settles: both read models include the whole log.
     let head = head(app).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -136,16 +136,56 @@ pub async fn spawn_api_only() -> TestApp {
 }
 
 async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
-    let admin = admin_url();
+    spawn_with(Spawn {
+        read_side,
+        database_settings: database_settings
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+        ..Spawn::default()
+    })
+    .await
+}
+
+/// How [`spawn_with`] builds a test app.
+#[derive(Default)]
+pub struct Spawn {
+    /// The superuser URL the test database is created from; `DATABASE_URL` when `None`.
+    pub admin: Option<String>,
+    /// Run the relay and projection workers in-process.
+    pub read_side: bool,
+    /// Give the API a NATS client (readiness checks it), on `NATS_URL`.
+    pub nats: bool,
+    /// A port on 127.0.0.1 the app itself connects to Postgres through (e.g. a proxy's); the
+    /// test's own pool (`TestApp::pool`) always connects directly.
+    pub app_port: Option<u16>,
+    /// `ALTER DATABASE … SET name = value` (as the superuser) before anything connects.
+    pub database_settings: Vec<(String, String)>,
+}
+
+/// `url` with its host and port replaced by 127.0.0.1:`port`.
+fn via_port(url: &str, port: u16) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let user = authority
+        .rsplit_once('@')
+        .map(|(u, _)| format!("{u}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{user}127.0.0.1:{port}/{path}")
+}
+
+pub async fn spawn_with(spawn: Spawn) -> TestApp {
+    let admin = spawn.admin.clone().unwrap_or_else(admin_url);
+    let read_side = spawn.read_side;
     let db_name = format!("ledger_test_{}", Uuid::new_v4().simple());
     let mut conn = PgConnection::connect(&admin)
         .await
-        .unwrap_or_else(|e| panic!("cannot reach Postgres at DATABASE_URL: {e}"));
+        .unwrap_or_else(|e| panic!("cannot reach Postgres at {admin}: {e}"));
     sqlx::query(&format!("CREATE DATABASE {db_name}"))
         .execute(&mut conn)
         .await
         .unwrap_or_else(|e| panic!("create database: {e}"));
-    for (name, value) in database_settings {
+    for (name, value) in &spawn.database_settings {
         sqlx::query(&format!("ALTER DATABASE {db_name} SET {name} = '{value}'"))
             .execute(&mut conn)
             .await
@@ -158,6 +198,15 @@ async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
     ledger::app::migrate(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
+    let (test_pool, pool) = match spawn.app_port {
+        Some(port) => {
+            let app_pool = ledger::app::connect(&via_port(&database_url, port), 16)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            (pool, app_pool)
+        }
+        None => (pool.clone(), pool),
+    };
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
     let master_key = MasterKey::generate().to_base64();
@@ -172,7 +221,18 @@ async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
         webhook_secret: webhook_secret.clone(),
         backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
     };
-    let app = Application::with_parts(pool.clone(), None, &settings)
+    let nats_url = std::env::var("NATS_URL")
+        .unwrap_or_else(|_| panic!("NATS_URL is not set: run the tests with ./dev.sh test"));
+    let connect = || async {
+        async_nats::connect(&nats_url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach nats-server at NATS_URL: {e}"))
+    };
+    let api_nats = match spawn.nats {
+        true => Some(connect().await),
+        false => None,
+    };
+    let app = Application::with_parts(pool.clone(), api_nats, &settings)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
     let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
@@ -184,13 +244,6 @@ async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
         stream: format!("LEDGER_TEST_{id}"),
         subject_prefix: format!("test{id}.events"),
         batch: 512,
-    };
-    let nats_url = std::env::var("NATS_URL")
-        .unwrap_or_else(|_| panic!("NATS_URL is not set: run the tests with ./dev.sh test"));
-    let connect = || async {
-        async_nats::connect(&nats_url)
-            .await
-            .unwrap_or_else(|e| panic!("cannot reach nats-server at NATS_URL: {e}"))
     };
     if read_side {
         let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
@@ -217,7 +270,7 @@ async fn spawn(read_side: bool, database_settings: &[(&str, &str)]) -> TestApp {
     TestApp {
         base: format!("http://{addr}"),
         client: reqwest::Client::new(),
-        pool,
+        pool: test_pool,
         jwt: JwtKeys::new(&jwt_secret),
         webhook_secret,
         database_url,

@@ -15,6 +15,7 @@ mod lifecycle;
 mod live;
 mod log;
 mod payments;
+mod pg_restart;
 mod queries;
 mod races;
 mod read_models;
