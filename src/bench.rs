@@ -180,11 +180,22 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         );
         naive.push((w, f));
     }
-    let copy = copy_rows(&pool, args.copy_rows).await?;
+    let copy = copy_rows(&pool, args.copy_rows, CopyInto::Naive).await?;
     println!(
         "(b) COPY {} rows:            {:>9.0} rows/s",
         args.copy_rows,
         copy.rate()
+    );
+    // The same rows as the pipeline writes them (positions, leaf and entry hashes) into a table
+    // with the columns and the five indexes of `events`: what bulk loading the log itself costs.
+    sqlx::query("CREATE TABLE bench_events_shape (LIKE events INCLUDING ALL)")
+        .execute(&pool)
+        .await?;
+    let copy_shaped = copy_rows(&pool, args.copy_rows, CopyInto::EventsShape).await?;
+    println!(
+        "(b') COPY {} rows into an events-shaped table: {:>9.0} rows/s",
+        args.copy_rows,
+        copy_shaped.rate()
     );
 
     let mut piped = Vec::new();
@@ -197,12 +208,13 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
             .unwrap_or(f64::NAN);
         println!(
             "(c) pipeline, {w:>2} submitters:  {:>9.0} events/s   p50 {:>6.2}  p99 {:>7.2}   \
-             = {:.2}x naive@{w}, {:.0}% of COPY",
+             = {:.2}x naive@{w}, {:.0}% of COPY, {:.0}% of COPY (b')",
             f.rate(),
             f.p(0.5),
             f.p(0.99),
             f.rate() / base,
-            100.0 * f.rate() / copy.rate()
+            100.0 * f.rate() / copy.rate(),
+            100.0 * f.rate() / copy_shaped.rate()
         );
         piped.push((w, f));
     }
@@ -309,27 +321,50 @@ async fn naive_inserts(
     .await
 }
 
-async fn copy_rows(pool: &PgPool, rows: usize) -> anyhow::Result<Figure> {
+#[derive(Clone, Copy, PartialEq)]
+enum CopyInto {
+    /// `bench_naive`: the naive baseline's table.
+    Naive,
+    /// `bench_events_shape`: the columns and indexes of `events`, rows with positions and hashes.
+    EventsShape,
+}
+
+async fn copy_rows(pool: &PgPool, rows: usize, into: CopyInto) -> anyhow::Result<Figure> {
     let payload = serde_json::to_string(&sample_payload())?;
     let metadata = serde_json::to_string(&sample_metadata())?;
     let escape = |s: &str| s.replace('\\', "\\\\");
     let (payload, metadata) = (escape(&payload), escape(&metadata));
-    let mut data = String::with_capacity(rows * (payload.len() + metadata.len() + 120));
+    let mut data = String::with_capacity(rows * (payload.len() + metadata.len() + 280));
     let now = Utc::now().to_rfc3339();
     for i in 0..rows {
-        data.push_str(&format!(
-            "{}\tbooking-copy-{i}\t1\tBookingRequested\t{payload}\t{metadata}\t{now}\n",
-            Uuid::now_v7()
-        ));
+        let id = Uuid::now_v7();
+        if into == CopyInto::Naive {
+            data.push_str(&format!(
+                "{id}\tbooking-copy-{i}\t1\tBookingRequested\t{payload}\t{metadata}\t{now}\n"
+            ));
+        } else {
+            let leaf = hex::encode(rand::random::<[u8; 32]>());
+            let entry = hex::encode(rand::random::<[u8; 32]>());
+            data.push_str(&format!(
+                "{}\t{id}\tbooking-copy-{i}\t1\tBookingRequested\t1\t{payload}\t{metadata}\t{now}\t\\\\x{leaf}\t\\\\x{entry}\n",
+                i + 1
+            ));
+        }
     }
+    let statement = match into {
+        CopyInto::Naive => {
+            "COPY bench_naive (event_id, stream_id, stream_version, event_type, payload, metadata, \
+             recorded_at) FROM STDIN"
+        }
+        CopyInto::EventsShape => {
+            "COPY bench_events_shape (global_position, event_id, stream_id, stream_version, \
+             event_type, schema_version, payload, metadata, recorded_at, leaf_hash, entry_hash) \
+             FROM STDIN"
+        }
+    };
     let mut conn = pool.acquire().await?;
     let started = Instant::now();
-    let mut copy = conn
-        .copy_in_raw(
-            "COPY bench_naive (event_id, stream_id, stream_version, event_type, payload, metadata, \
-             recorded_at) FROM STDIN",
-        )
-        .await?;
+    let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(data.as_bytes()).await?;
     copy.finish().await?;
     let elapsed = started.elapsed();

@@ -15,6 +15,7 @@
 //! `ledger-replay`'s, and the vocabulary is `ledger-events`'s.
 
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod config;
 pub mod http;

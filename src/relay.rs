@@ -14,6 +14,7 @@
 //! may still be sending the batch it had read while another takes over; that overlap is harmless,
 //! since every publish is conditional on the stream's last sequence.
 
+use crate::backoff::Backoff;
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::{self, stream, Context};
 use ledger_events::envelope::{RecordedEvent, WireEvent};
@@ -213,7 +214,7 @@ impl Relay {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(pause.next()) => {}
+                _ = tokio::time::sleep(pause.pause()) => {}
             }
         }
     }
@@ -285,27 +286,5 @@ impl Relay {
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
-    }
-}
-
-/// Pauses between attempts to reach Postgres again: doubling from 100 ms, at most 1 s (an attempt
-/// a second costs nothing, and Postgres is used again within a second of being back).
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-}
-
-impl Backoff {
-    fn is_first(&self) -> bool {
-        self.0 == Backoff::default().0
-    }
-
-    fn next(&mut self) -> Duration {
-        let now = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(1));
-        now
     }
 }

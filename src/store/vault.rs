@@ -4,6 +4,7 @@
 //! `LEDGER_MASTER_KEY`. Unwrapped keys live in a per-process cache, used only while this process
 //! hears erasures (see [`KeyVault::follow_erasures`]).
 
+use crate::backoff::Backoff;
 use ledger_events::checkpoint;
 use ledger_events::ids::SubjectId;
 use ledger_events::pii::{DataKey, Keyring};
@@ -11,7 +12,6 @@ use sqlx::PgPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -199,7 +199,7 @@ impl KeyVault {
                     if pause.is_first() {
                         tracing::warn!(error = %e, "cannot listen for erasures; keys are not cached meanwhile");
                     }
-                    tokio::time::sleep(pause.next()).await;
+                    tokio::time::sleep(pause.pause()).await;
                     continue;
                 }
             };
@@ -323,27 +323,5 @@ impl KeyVault {
             }
         }
         Ok(found)
-    }
-}
-
-/// Pauses between reconnection attempts: doubling from 100 ms, at most 1 s (an attempt a second
-/// costs nothing, and keys are cached again within a second of Postgres being back).
-struct Backoff(Duration);
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff(Duration::from_millis(100))
-    }
-}
-
-impl Backoff {
-    fn is_first(&self) -> bool {
-        self.0 == Backoff::default().0
-    }
-
-    fn next(&mut self) -> Duration {
-        let now = self.0;
-        self.0 = (self.0 * 2).min(Duration::from_secs(1));
-        now
     }
 }
