@@ -11,6 +11,7 @@ pub mod bookings;
 pub mod command;
 pub mod live;
 pub mod ops;
+pub mod params;
 pub mod payments;
 pub mod problem;
 pub mod queries;

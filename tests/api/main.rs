@@ -17,6 +17,7 @@ mod log;
 mod payments;
 mod pg_restart;
 mod queries;
+mod query_params;
 mod races;
 mod read_models;
 mod rebuild;
