@@ -90,7 +90,9 @@ impl Application {
         let vault = KeyVault::new(pool.clone(), keyring)
             .with_backup_retention_days(settings.backup_retention_days);
         tokio::spawn(vault.clone().follow_erasures());
+        let ops = http::ops::Ops::new(&settings.nats_stream);
         let state = AppState {
+            ops,
             read_position,
             vault,
             pool,

@@ -210,10 +210,17 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
     let master_key = MasterKey::generate().to_base64();
+    // The read side, on this test's own stream and subjects of the shared nats-server.
+    let id = Uuid::new_v4().simple().to_string();
+    let relay_config = ledger::relay::RelayConfig {
+        stream: format!("LEDGER_TEST_{id}"),
+        subject_prefix: format!("test{id}.events"),
+        batch: 512,
+    };
     let settings = Settings {
         database_url: database_url.clone(),
         nats_url: "nats://127.0.0.1:1".into(),
-        nats_stream: "LEDGER".into(),
+        nats_stream: relay_config.stream.clone(),
         nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
         jwt_secret: jwt_secret.clone(),
@@ -238,13 +245,6 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
     let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    // The read side, on this test's own stream and subjects of the shared nats-server.
-    let id = Uuid::new_v4().simple().to_string();
-    let relay_config = ledger::relay::RelayConfig {
-        stream: format!("LEDGER_TEST_{id}"),
-        subject_prefix: format!("test{id}.events"),
-        batch: 512,
-    };
     if read_side {
         let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
         relay

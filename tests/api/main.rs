@@ -14,6 +14,7 @@ mod idempotency;
 mod lifecycle;
 mod live;
 mod log;
+mod metrics;
 mod payments;
 mod pg_restart;
 mod queries;
