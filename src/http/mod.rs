@@ -54,7 +54,8 @@ pub struct AppState {
     pub nats: Option<async_nats::Client>,
     /// How far the read model has applied the log: what `min_position` waits on.
     pub read_position: queries::ReadPosition,
-    /// What `/metrics` reports besides the pipeline: the configured stream, HTTP requests.
+    /// What `/metrics` reports besides the pipeline: the configured stream, HTTP requests, the
+    /// idempotency purge.
     pub ops: ops::Ops,
 }
 

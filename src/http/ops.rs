@@ -3,6 +3,7 @@
 //! template, never by raw path or query (ids and personal data may be in those).
 
 use super::AppState;
+use crate::store::purge::PurgeMetrics;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
@@ -22,6 +23,8 @@ pub struct Ops {
     /// compares with the log head.
     pub stream: Arc<str>,
     pub http: HttpMetrics,
+    /// Filled by this process's idempotency purge (`store::purge`).
+    pub purge: Arc<PurgeMetrics>,
 }
 
 impl Ops {
@@ -29,6 +32,7 @@ impl Ops {
         Ops {
             stream: stream.into(),
             http: HttpMetrics::default(),
+            purge: Arc::default(),
         }
     }
 }
@@ -356,6 +360,25 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             }
         }
     }
+    let purge = &app.ops.purge;
+    metric(
+        "ledger_idempotency_purged_total",
+        "counter",
+        "Idempotency records past their retention deleted by this process.",
+        &one(purge.purged.load(Relaxed) as f64),
+    );
+    metric(
+        "ledger_idempotency_purge_runs_total",
+        "counter",
+        "Runs of the idempotency purge that finished.",
+        &one(purge.runs.load(Relaxed) as f64),
+    );
+    metric(
+        "ledger_idempotency_purge_failures_total",
+        "counter",
+        "Runs of the idempotency purge that failed (retried at the next run).",
+        &one(purge.failures.load(Relaxed) as f64),
+    );
     app.ops.http.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

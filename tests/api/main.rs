@@ -17,6 +17,7 @@ mod log;
 mod metrics;
 mod payments;
 mod pg_restart;
+mod purge;
 mod queries;
 mod query_params;
 mod races;
