@@ -90,7 +90,14 @@ impl Application {
         let vault = KeyVault::new(pool.clone(), keyring)
             .with_backup_retention_days(settings.backup_retention_days);
         tokio::spawn(vault.clone().follow_erasures());
+        let ops = http::ops::Ops::new(&settings.nats_stream);
+        tokio::spawn(crate::store::purge::purge_periodically(
+            pool.clone(),
+            settings.idempotency_retention,
+            ops.purge.clone(),
+        ));
         let state = AppState {
+            ops,
             read_position,
             vault,
             pool,

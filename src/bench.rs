@@ -422,6 +422,7 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
         master_key: MasterKey::generate(),
         webhook_secret: b"bench".to_vec(),
         backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
+        idempotency_retention: Default::default(),
     };
     // Its own pool: shutting the app down closes the pool it was given.
     let pool = connect(url, 16).await?;
@@ -673,6 +674,7 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
         master_key: MasterKey::generate(),
         webhook_secret: b"bench".to_vec(),
         backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
+        idempotency_retention: Default::default(),
     };
     let app_pool = connect(&url, 16).await?;
     let app = Application::with_parts(app_pool, Some(nats.clone()), &settings).await?;

@@ -3,6 +3,7 @@
 //! A missing or malformed value stops the program at start with a message naming the variable
 //! and exit status 2. Secrets are held in `secrecy` types and never printed.
 
+use crate::store::purge::Retention;
 use clap::Args;
 use ledger_events::pii::MasterKey;
 use secrecy::{ExposeSecret, SecretString};
@@ -139,6 +140,14 @@ pub struct ServeConfig {
         default_value = "30"
     )]
     pub backup_retention_days: String,
+    /// Hours an `Idempotency-Key` answer is kept before it is purged (24 to 8760; the contract
+    /// promises 24 at least).
+    #[arg(
+        long = "idempotency-retention-hours",
+        env = "LEDGER_IDEMPOTENCY_RETENTION_HOURS",
+        default_value = "48"
+    )]
+    pub idempotency_retention_hours: String,
 }
 
 /// The longest backup retention an erasure certificate may state: ten years.
@@ -159,6 +168,22 @@ pub fn backup_retention_days(raw: &str) -> Result<u32, ConfigError> {
         })
 }
 
+/// `LEDGER_IDEMPOTENCY_RETENTION_HOURS`: whole hours, from the contract's 24 to a year.
+pub fn idempotency_retention_hours(raw: &str) -> Result<u32, ConfigError> {
+    use crate::store::purge::{MAX_RETENTION_HOURS, MIN_RETENTION_HOURS};
+    raw.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|h| (MIN_RETENTION_HOURS..=MAX_RETENTION_HOURS).contains(h))
+        .ok_or_else(|| ConfigError {
+            variable: "LEDGER_IDEMPOTENCY_RETENTION_HOURS",
+            problem: format!(
+                "must be a whole number of hours from {MIN_RETENTION_HOURS} to \
+                 {MAX_RETENTION_HOURS} (Idempotency-Key answers are kept 24 hours at least)"
+            ),
+        })
+}
+
 /// Everything `serve` needs, validated.
 pub struct Settings {
     pub database_url: String,
@@ -171,6 +196,8 @@ pub struct Settings {
     pub webhook_secret: Vec<u8>,
     /// How long database backups are kept, in days: erasure certificates state it.
     pub backup_retention_days: u32,
+    /// How long idempotency records are kept, and how often each API process purges them.
+    pub idempotency_retention: Retention,
 }
 
 impl ServeConfig {
@@ -217,6 +244,10 @@ impl ServeConfig {
             master_key: self.keys.master_key()?,
             webhook_secret,
             backup_retention_days: backup_retention_days(&self.backup_retention_days)?,
+            idempotency_retention: Retention {
+                hours: idempotency_retention_hours(&self.idempotency_retention_hours)?,
+                ..Retention::default()
+            },
         })
     }
 }
@@ -234,6 +265,20 @@ mod tests {
             assert_eq!(
                 backup_retention_days(bad).err().map(|e| e.variable),
                 Some("LEDGER_BACKUP_RETENTION_DAYS"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotency_retention_is_whole_hours_from_a_day_to_a_year() {
+        assert_eq!(idempotency_retention_hours("48").ok(), Some(48));
+        assert_eq!(idempotency_retention_hours(" 24 ").ok(), Some(24));
+        assert_eq!(idempotency_retention_hours("8760").ok(), Some(8760));
+        for bad in ["23", "0", "8761", "-48", "", "48h", "1.5", "two days"] {
+            assert_eq!(
+                idempotency_retention_hours(bad).err().map(|e| e.variable),
+                Some("LEDGER_IDEMPOTENCY_RETENTION_HOURS"),
                 "{bad:?}"
             );
         }

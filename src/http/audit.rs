@@ -5,33 +5,20 @@
 //! checks who did what and when, and opening personal data is the subject export's job.
 
 use super::auth::{Auth, Role};
+use super::params::QueryParams;
 use super::problem::ApiError;
-use super::queries::parse_opt;
 use super::{parse_id, AppState};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::Json;
-use chrono::{DateTime, Utc};
 use ledger_events::ids::{booking_stream, BookingId};
 use ledger_replay::actions::{self, ActionFilter};
 use ledger_replay::as_of::{self, AsOfError};
 use ledger_replay::history::wire;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// The largest page of the log one request reads.
 const MAX_LIMIT: i64 = 1000;
 const DEFAULT_LIMIT: i64 = 100;
-
-/// Query strings are parsed by hand so a bad value is our problem+json naming the parameter.
-#[derive(Deserialize, Default)]
-pub struct AuditQuery {
-    after: Option<String>,
-    limit: Option<String>,
-    at: Option<String>,
-    actor: Option<String>,
-    from: Option<String>,
-    to: Option<String>,
-}
 
 /// Auditors and admins read the whole log. A venue-scoped token is refused rather than served a
 /// filtered log: audit, subject and payment streams cannot all be attributed to a venue, so
@@ -51,35 +38,18 @@ fn may_audit(auth: &Auth) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn after_of(q: &AuditQuery) -> Result<i64, ApiError> {
-    let after: i64 = parse_opt("after", &q.after, "a global position (0 or more)")?.unwrap_or(0);
-    if after < 0 {
-        return Err(ApiError::bad_request(
-            "after",
-            "must be a global position (0 or more)",
-        ));
+fn after_of(q: &QueryParams) -> Result<i64, ApiError> {
+    const EXPECT: &str = "a global position (0 or more)";
+    match q.parse::<i64>("after", EXPECT)? {
+        Some(after) if after < 0 => {
+            Err(ApiError::bad_request("after", format!("must be {EXPECT}")))
+        }
+        after => Ok(after.unwrap_or(0)),
     }
-    Ok(after)
 }
 
-fn limit_of(q: &AuditQuery) -> Result<i64, ApiError> {
-    let expect = format!("a number from 1 to {MAX_LIMIT}");
-    let limit: i64 = parse_opt("limit", &q.limit, &expect)?.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request("limit", format!("must be {expect}")));
-    }
-    Ok(limit)
-}
-
-/// An RFC 3339 time with an offset; a bare date or a local time is ambiguous, so refused.
-fn time_of(name: &'static str, raw: &Option<String>) -> Result<Option<DateTime<Utc>>, ApiError> {
-    raw.as_deref()
-        .map(|s| {
-            DateTime::parse_from_rfc3339(s.trim())
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|_| ApiError::bad_request(name, "must be an RFC 3339 time with an offset"))
-        })
-        .transpose()
+fn limit_of(q: &QueryParams) -> Result<i64, ApiError> {
+    q.number_in("limit", 1..=MAX_LIMIT, DEFAULT_LIMIT)
 }
 
 /// `GET /v1/audit/log?after=&limit=`: events in global order. Positions are gapless and become
@@ -87,7 +57,7 @@ fn time_of(name: &'static str, raw: &Option<String>) -> Result<Option<DateTime<U
 pub async fn log(
     State(app): State<AppState>,
     auth: Auth,
-    Query(q): Query<AuditQuery>,
+    q: QueryParams,
 ) -> Result<Json<Value>, ApiError> {
     may_audit(&auth)?;
     let after = after_of(&q)?;
@@ -125,11 +95,12 @@ pub async fn booking_as_of(
     State(app): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-    Query(q): Query<AuditQuery>,
+    q: QueryParams,
 ) -> Result<Json<Value>, ApiError> {
     may_audit(&auth)?;
     let id = BookingId(parse_id(&id, "booking")?);
-    let at = time_of("at", &q.at)?
+    let at = q
+        .time("at")?
         .ok_or_else(|| ApiError::bad_request("at", "is required (an RFC 3339 time)"))?;
     let stream = booking_stream(id);
     let folded = as_of::booking_as_of(&app.pool, &stream, at)
@@ -151,17 +122,17 @@ pub async fn booking_as_of(
 pub async fn list_actions(
     State(app): State<AppState>,
     auth: Auth,
-    Query(q): Query<AuditQuery>,
+    q: QueryParams,
 ) -> Result<Json<Value>, ApiError> {
     may_audit(&auth)?;
-    let from = time_of("from", &q.from)?;
-    let to = time_of("to", &q.to)?;
+    let from = q.time("from")?;
+    let to = q.time("to")?;
     if let (Some(from), Some(to)) = (from, to) {
         if to < from {
             return Err(ApiError::bad_request("to", "must not be before from"));
         }
     }
-    let actor = q.actor.as_deref().filter(|a| !a.is_empty());
+    let actor = q.text("actor")?.filter(|a| !a.is_empty());
     let filter = ActionFilter { actor, from, to };
     let (items, next_after) =
         actions::page(&app.pool, &filter, after_of(&q)?, limit_of(&q)?).await?;

@@ -2,9 +2,10 @@
 //! auditor needs to check the log's integrity, inside the system and outside it.
 
 use super::auth::{Auth, Role};
+use super::params::QueryParams;
 use super::problem::ApiError;
 use super::AppState;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::Json;
 use ledger_replay::checkpoint::{ConsistencyProof, InclusionProof, ProofRequestError};
 use ledger_replay::verify::VerifyReport;
@@ -47,22 +48,9 @@ pub async fn latest_checkpoint(
         .ok_or_else(|| ApiError::not_found("checkpoint"))
 }
 
-/// The query string as pairs, so a repeated or malformed parameter is our problem+json naming it
-/// rather than the framework's plain-text rejection.
-type Params = Vec<(String, String)>;
-
 /// A tree size or position: a whole number, 1 or more, given once.
-fn count(params: &Params, name: &'static str) -> Result<i64, ApiError> {
-    let mut given = params.iter().filter(|(k, _)| k == name);
-    let (_, raw) = given
-        .next()
-        .ok_or_else(|| ApiError::bad_request(name, "is required (a whole number, 1 or more)"))?;
-    if given.next().is_some() {
-        return Err(ApiError::bad_request(name, "must be given once"));
-    }
-    let n: i64 = raw
-        .parse()
-        .map_err(|_| ApiError::bad_request(name, "must be a whole number, 1 or more"))?;
+fn count(params: &QueryParams, name: &'static str) -> Result<i64, ApiError> {
+    let n: i64 = params.required(name, "a whole number, 1 or more")?;
     if n < 1 {
         return Err(ApiError::bad_request(name, "must be 1 or more"));
     }
@@ -98,7 +86,7 @@ fn proof_error(e: ProofRequestError) -> ApiError {
 pub async fn consistency_proof(
     State(app): State<AppState>,
     auth: Auth,
-    Query(params): Query<Params>,
+    params: QueryParams,
 ) -> Result<Json<ConsistencyProof>, ApiError> {
     may_check(&auth, "read proofs")?;
     let first = count(&params, "first")?;
@@ -118,7 +106,7 @@ pub async fn consistency_proof(
 pub async fn inclusion_proof(
     State(app): State<AppState>,
     auth: Auth,
-    Query(params): Query<Params>,
+    params: QueryParams,
 ) -> Result<Json<InclusionProof>, ApiError> {
     may_check(&auth, "read proofs")?;
     let position = count(&params, "position")?;

@@ -5,52 +5,44 @@
 //! No personal data: only times, and the booking ids for staff roles; a customer, who may read
 //! availability to pick a slot, sees the intervals alone.
 
-use super::auth::{Auth, Role};
+use super::auth::Auth;
+use super::params::QueryParams;
 use super::problem::ApiError;
-use super::queries::{answer, min_position, parse_opt};
-use super::{parse_id, AppState};
-use axum::extract::{Path, Query, State};
+use super::queries::{answer, not_auditor, visible_venue, QueryError, STAFF_ROLES};
+use super::AppState;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use chrono::NaiveDate;
-use ledger_events::ids::VenueId;
 use ledger_projections::booking_board;
-use serde::Deserialize;
 use serde_json::{json, Value};
-
-#[derive(Deserialize, Default)]
-pub struct AvailabilityQuery {
-    date: Option<String>,
-    min_position: Option<String>,
-}
+use uuid::Uuid;
 
 pub async fn availability(
     State(app): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<AvailabilityQuery>,
-) -> Result<Response, ApiError> {
-    let with_booking_ids = match auth.role {
-        Role::Admin | Role::Manager | Role::Staff | Role::Door => true,
-        Role::Customer => false,
-        Role::Auditor => {
-            return Err(ApiError::forbidden(
-                "the auditor role reads the audit endpoints",
-            ))
-        }
-    };
-    let id = parse_id(&id, "venue")?;
-    if !auth.sees_venue(VenueId(id)) {
-        return Err(ApiError::not_found("venue"));
-    }
-    let date: NaiveDate = parse_opt("date", &q.date, "a date YYYY-MM-DD")?
-        .ok_or_else(|| ApiError::bad_request("date", "is required: a date YYYY-MM-DD"))?;
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
+    q: QueryParams,
+) -> Result<Response, QueryError> {
+    not_auditor(&auth)?;
+    // A customer, who may read availability to pick a slot, sees the intervals alone.
+    let with_booking_ids = STAFF_ROLES.contains(&auth.role);
+    let id = visible_venue(&auth, &id)?;
+    let date = q.required_date("date")?;
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
+    let body = day(&app, id, date, with_booking_ids)
+        .await
+        .map_err(QueryError::at(position))?;
+    Ok(answer(position, body))
+}
+
+async fn day(
+    app: &AppState,
+    id: Uuid,
+    date: NaiveDate,
+    with_booking_ids: bool,
+) -> Result<Value, ApiError> {
     let a = booking_board::availability(&app.pool, id, date)
         .await?
         .ok_or_else(|| ApiError::not_found("venue"))?;
@@ -73,13 +65,10 @@ pub async fn availability(
             json!({"id": r.resource_id, "name": r.name, "capacity": r.capacity, "busy": busy})
         })
         .collect();
-    Ok(answer(
-        position,
-        json!({
-            "venue_id": a.venue.venue_id,
-            "date": date,
-            "timezone": a.venue.timezone,
-            "resources": resources,
-        }),
-    ))
+    Ok(json!({
+        "venue_id": a.venue.venue_id,
+        "date": date,
+        "timezone": a.venue.timezone,
+        "resources": resources,
+    }))
 }

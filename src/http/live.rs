@@ -7,28 +7,23 @@
 //! The stream reads the read model when the projection's position moves; it never holds up the
 //! projection worker, however slow the client.
 
-use super::auth::{Auth, Role};
+use super::auth::Auth;
+use super::params::QueryParams;
 use super::problem::ApiError;
+use super::queries::{require_role, STAFF_ROLES};
 use super::AppState;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use ledger_events::ids::VenueId;
 use ledger_projections::booking_board;
-use serde::Deserialize;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use uuid::Uuid;
 
 /// Rows read per round: bounds memory per client.
 const PAGE: i64 = 200;
-
-#[derive(Deserialize)]
-pub struct LiveQuery {
-    venue_id: Option<String>,
-    last_event_id: Option<String>,
-}
 
 struct Tail {
     app: AppState,
@@ -42,23 +37,10 @@ pub async fn live(
     State(app): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Query(q): Query<LiveQuery>,
+    q: QueryParams,
 ) -> Result<Response, ApiError> {
-    if !matches!(
-        auth.role,
-        Role::Admin | Role::Manager | Role::Staff | Role::Door
-    ) {
-        return Err(ApiError::forbidden(format!(
-            "the {} role may not follow the live board",
-            auth.role.as_str()
-        )));
-    }
-    let venue = q
-        .venue_id
-        .as_deref()
-        .ok_or_else(|| ApiError::bad_request("venue_id", "is required"))?;
-    let venue = Uuid::parse_str(venue)
-        .map_err(|_| ApiError::bad_request("venue_id", "must be a venue id"))?;
+    require_role(&auth, STAFF_ROLES, "follow the live board")?;
+    let venue: Uuid = q.required("venue_id", "a venue id")?;
     if !auth.sees_venue(VenueId(venue)) {
         return Err(ApiError::not_found("venue"));
     }
@@ -66,7 +48,7 @@ pub async fn live(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or(q.last_event_id);
+        .or(q.text("last_event_id")?.map(str::to_owned));
     let after = match resume {
         None => app.read_position.current(),
         Some(raw) => raw

@@ -11,6 +11,7 @@ pub mod bookings;
 pub mod command;
 pub mod live;
 pub mod ops;
+pub mod params;
 pub mod payments;
 pub mod problem;
 pub mod queries;
@@ -53,6 +54,9 @@ pub struct AppState {
     pub nats: Option<async_nats::Client>,
     /// How far the read model has applied the log: what `min_position` waits on.
     pub read_position: queries::ReadPosition,
+    /// What `/metrics` reports besides the pipeline: the configured stream, HTTP requests, the
+    /// idempotency purge.
+    pub ops: ops::Ops,
 }
 
 /// Parses a path id; a malformed one cannot name anything, so it is a 404 like an unknown one.
@@ -153,6 +157,11 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::Unexpected(anyhow::anyhow!("a handler panicked")).into_response()
         }))
+        // Outermost, so a panic answered 500 is counted too.
+        .layer(middleware::from_fn_with_state(
+            state.ops.http.clone(),
+            ops::track_requests,
+        ))
         .with_state(state)
 }
 

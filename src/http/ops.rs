@@ -1,15 +1,179 @@
 //! Operations endpoints: liveness, readiness (Postgres, NATS, projection lag), Prometheus metrics,
-//! the OpenAPI document.
+//! the OpenAPI document; and the HTTP request metrics ([`track_requests`]), kept by route
+//! template, never by raw path or query (ids and personal data may be in those).
 
 use super::AppState;
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use crate::store::purge::PurgeMetrics;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the operations endpoints need besides the pool and the append pipeline.
+#[derive(Clone)]
+pub struct Ops {
+    /// `LEDGER_NATS_STREAM`: the JetStream stream the relay publishes to, whose tail `/metrics`
+    /// compares with the log head.
+    pub stream: Arc<str>,
+    pub http: HttpMetrics,
+    /// Filled by this process's idempotency purge (`store::purge`).
+    pub purge: Arc<PurgeMetrics>,
+}
+
+impl Ops {
+    pub fn new(stream: &str) -> Self {
+        Ops {
+            stream: stream.into(),
+            http: HttpMetrics::default(),
+            purge: Arc::default(),
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the request latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// HTTP requests by method, route template and status class: a count and a latency histogram.
+/// Every label has a bounded set of values: methods outside the usual ones are `OTHER`, a path no
+/// route matches is `unmatched`, statuses are classes (`2xx`).
+#[derive(Clone, Default)]
+pub struct HttpMetrics(Arc<Mutex<BTreeMap<SeriesKey, Series>>>);
+
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct SeriesKey {
+    route: String,
+    method: &'static str,
+    status: &'static str,
+}
+
+#[derive(Default)]
+struct Series {
+    count: u64,
+    seconds: f64,
+    /// Requests per bucket (not cumulative); the last one is `+Inf`.
+    buckets: [u64; LATENCY_BUCKETS.len() + 1],
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+fn status_class(s: StatusCode) -> &'static str {
+    match s.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+impl HttpMetrics {
+    pub fn observe(&self, method: &Method, route: &str, status: StatusCode, elapsed: Duration) {
+        let key = SeriesKey {
+            route: route.to_owned(),
+            method: method_label(method),
+            status: status_class(status),
+        };
+        let seconds = elapsed.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|le| seconds <= *le)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        // A poisoned lock only means another request panicked mid-update of plain counters.
+        let mut all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let series = all.entry(key).or_default();
+        series.count += 1;
+        series.seconds += seconds;
+        series.buckets[bucket] += 1;
+    }
+
+    /// Renders `ledger_http_requests_total` and `ledger_http_request_duration_seconds`.
+    fn render(&self, out: &mut String) {
+        let all = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let labels = |k: &SeriesKey| {
+            format!(
+                "method=\"{}\",route=\"{}\",status=\"{}\"",
+                k.method,
+                escape_label(&k.route),
+                k.status
+            )
+        };
+        let _ = writeln!(
+            out,
+            "# HELP ledger_http_requests_total HTTP requests answered, by method, route template \
+             and status class.\n# TYPE ledger_http_requests_total counter"
+        );
+        for (k, s) in all.iter() {
+            let _ = writeln!(
+                out,
+                "ledger_http_requests_total{{{}}} {}",
+                labels(k),
+                s.count
+            );
+        }
+        let name = "ledger_http_request_duration_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to answer HTTP requests (to the response head), by method, route \
+             template and status class.\n# TYPE {name} histogram"
+        );
+        for (k, s) in all.iter() {
+            let l = labels(k);
+            let mut cumulative = 0;
+            for (i, n) in s.buckets.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS
+                    .get(i)
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "+Inf".into());
+                let _ = writeln!(out, "{name}_bucket{{{l},le=\"{le}\"}} {cumulative}");
+            }
+            let _ = writeln!(out, "{name}_sum{{{l}}} {}", s.seconds);
+            let _ = writeln!(out, "{name}_count{{{l}}} {}", s.count);
+        }
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Counts each request and its latency under its route template (the path as routed, with
+/// `{id}` placeholders), never the raw path or query.
+pub async fn track_requests(State(http): State<HttpMetrics>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    http.observe(&method, &route, response.status(), started.elapsed());
+    response
+}
 
 /// A projection further behind the log than this is not ready to serve.
 pub const MAX_READY_LAG: i64 = 1000;
@@ -177,24 +341,45 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     }
     if let Some(nats) = &app.nats {
         let js = async_nats::jetstream::new(nats.clone());
-        if let Ok(mut stream) = js.get_stream("LEDGER").await {
+        if let Ok(mut stream) = js.get_stream(app.ops.stream.as_ref()).await {
             if let Ok(info) = stream.info().await {
                 let published = info.state.last_sequence as f64;
+                let label = format!("{{stream=\"{}\"}}", escape_label(&app.ops.stream));
                 metric(
                     "ledger_relay_published_position",
                     "gauge",
-                    "Last global position in JetStream stream LEDGER.",
-                    &one(published),
+                    "Last global position in the JetStream stream (LEDGER_NATS_STREAM).",
+                    &[(label.clone(), published)],
                 );
                 metric(
                     "ledger_relay_lag_positions",
                     "gauge",
-                    "Committed events not yet in JetStream stream LEDGER.",
-                    &one((head as f64 - published).max(0.0)),
+                    "Committed events not yet in the JetStream stream (LEDGER_NATS_STREAM).",
+                    &[(label, (head as f64 - published).max(0.0))],
                 );
             }
         }
     }
+    let purge = &app.ops.purge;
+    metric(
+        "ledger_idempotency_purged_total",
+        "counter",
+        "Idempotency records past their retention deleted by this process.",
+        &one(purge.purged.load(Relaxed) as f64),
+    );
+    metric(
+        "ledger_idempotency_purge_runs_total",
+        "counter",
+        "Runs of the idempotency purge that finished.",
+        &one(purge.runs.load(Relaxed) as f64),
+    );
+    metric(
+        "ledger_idempotency_purge_failures_total",
+        "counter",
+        "Runs of the idempotency purge that failed (retried at the next run).",
+        &one(purge.failures.load(Relaxed) as f64),
+    );
+    app.ops.http.render(&mut body);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

@@ -3,24 +3,28 @@
 //! Every answer carries `X-Ledger-Position`, the position the read model includes. With
 //! `?min_position=N` (or `X-Ledger-Min-Position: N`) a query first waits, woken by the
 //! projection's commit notification, until its read model includes N; after 5 s it answers
-//! `projection-lagging`. Personal data is opened here, at the edge, and nowhere else.
+//! `projection-lagging`, which carries `X-Ledger-Position` too (how far the read model got), as
+//! does any error found once the read model was reached ([`QueryError`]). Query strings are read
+//! through [`QueryParams`]; who may read what is [`require_role`], [`not_auditor`] and
+//! [`visible_venue`], shared by every read endpoint. Personal data is opened here, at the edge,
+//! and nowhere else.
 
 use super::auth::{Auth, Role};
+use super::params::QueryParams;
 use super::problem::ApiError;
 use super::{parse_id, AppState};
 use crate::store::vault::VaultError;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Utc};
 use ledger_events::booking::CustomerDetails;
 use ledger_events::ids::{SubjectId, VenueId};
 use ledger_events::payment::status_of;
 use ledger_events::pii::{self, SealContext, Sealed};
 use ledger_projections::booking_board::{self, BoardFilter, BookingRow};
-use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
 use std::collections::HashMap;
@@ -142,13 +146,13 @@ impl ReadPosition {
     }
 
     /// Waits until the booking board includes `min`; returns the position it includes.
-    pub async fn reach(&self, min: Option<i64>) -> Result<i64, ApiError> {
+    pub async fn reach(&self, min: Option<i64>) -> Result<i64, QueryError> {
         wait_for_position(&self.rx, min).await
     }
 
     /// Waits until the projection named `projection` includes `min`; returns the position it
     /// includes.
-    pub async fn reach_of(&self, projection: &str, min: Option<i64>) -> Result<i64, ApiError> {
+    pub async fn reach_of(&self, projection: &str, min: Option<i64>) -> Result<i64, QueryError> {
         let rx = self.by_name.get(projection).ok_or_else(|| {
             ApiError::Unexpected(anyhow::anyhow!("no projection named {projection}"))
         })?;
@@ -156,7 +160,7 @@ impl ReadPosition {
     }
 }
 
-async fn wait_for_position(rx: &watch::Receiver<i64>, min: Option<i64>) -> Result<i64, ApiError> {
+async fn wait_for_position(rx: &watch::Receiver<i64>, min: Option<i64>) -> Result<i64, QueryError> {
     let Some(min) = min else {
         return Ok(*rx.borrow());
     };
@@ -167,70 +171,113 @@ async fn wait_for_position(rx: &watch::Receiver<i64>, min: Option<i64>) -> Resul
         .and_then(|r| r.ok().map(|p| *p));
     match reached {
         Some(p) => Ok(p),
-        None => Err(ApiError::ProjectionLagging {
-            retry_after: 1,
-            detail: format!(
-                "the read model includes position {}, not yet {min}",
-                *rx.borrow()
-            ),
-        }),
+        None => {
+            let includes = *rx.borrow();
+            Err(QueryError {
+                problem: ApiError::ProjectionLagging {
+                    retry_after: 1,
+                    detail: format!("the read model includes position {includes}, not yet {min}"),
+                },
+                position: Some(includes),
+            })
+        }
     }
 }
 
-pub(super) fn min_position(
-    query: Option<i64>,
-    headers: &HeaderMap,
-) -> Result<Option<i64>, ApiError> {
-    if query.is_some() {
-        return Ok(query);
+/// A query's error answer: the problem, with `X-Ledger-Position` when the handler knew the
+/// position its read model included (it waited for it, or the wait ran out: `projection-lagging`
+/// says how far the read model got). A client can tell "not found as of position N" from "not
+/// there yet".
+#[derive(Debug)]
+pub struct QueryError {
+    problem: ApiError,
+    position: Option<i64>,
+}
+
+impl QueryError {
+    /// Attaches the position the read model included to a failure found there.
+    pub fn at<E: Into<ApiError>>(position: i64) -> impl FnOnce(E) -> QueryError {
+        move |problem| QueryError {
+            problem: problem.into(),
+            position: Some(position),
+        }
     }
-    match headers.get("x-ledger-min-position") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<i64>().ok())
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::bad_request("X-Ledger-Min-Position", "must be a global position")
-            }),
+}
+
+impl From<ApiError> for QueryError {
+    fn from(problem: ApiError) -> Self {
+        QueryError {
+            problem,
+            position: None,
+        }
+    }
+}
+
+impl From<sqlx::Error> for QueryError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+/// For callers that answer with a plain [`ApiError`] (the position is then not sent).
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        e.problem
+    }
+}
+
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let mut r = self.problem.into_response();
+        if let Some(position) = self.position {
+            r.headers_mut()
+                .insert("x-ledger-position", HeaderValue::from(position));
+        }
+        r
     }
 }
 
 pub(super) fn answer(position: i64, body: Value) -> Response {
     let mut r = Json(body).into_response();
-    if let Ok(v) = HeaderValue::from_str(&position.to_string()) {
-        r.headers_mut().insert("x-ledger-position", v);
-    }
+    r.headers_mut()
+        .insert("x-ledger-position", HeaderValue::from(position));
     r
 }
 
-/// Query strings are parsed by hand so a bad value is our problem+json naming the parameter.
-#[derive(Deserialize, Default)]
-pub struct RawQuery {
-    venue_id: Option<String>,
-    date: Option<String>,
-    status: Option<String>,
-    limit: Option<String>,
-    cursor: Option<String>,
-    min_position: Option<String>,
-}
-
-pub(super) fn parse_opt<T: std::str::FromStr>(
-    name: &'static str,
-    raw: &Option<String>,
-    expect: &str,
-) -> Result<Option<T>, ApiError> {
-    match raw {
-        None => Ok(None),
-        Some(s) => s
-            .parse()
-            .map(Some)
-            .map_err(|_| ApiError::bad_request(name, format!("must be {expect}"))),
+/// `role` may do `what` only if it is one of `allowed`.
+pub(super) fn require_role(auth: &Auth, allowed: &[Role], what: &str) -> Result<(), ApiError> {
+    if allowed.contains(&auth.role) {
+        return Ok(());
     }
+    Err(ApiError::forbidden(format!(
+        "the {} role may not {what}",
+        auth.role.as_str()
+    )))
 }
 
-const STATUSES: [&str; 5] = ["pending", "confirmed", "checked_in", "no_show", "cancelled"];
+/// The roles that work a venue's floor: they read the whole booking board.
+pub(super) const STAFF_ROLES: &[Role] = &[Role::Admin, Role::Manager, Role::Staff, Role::Door];
+
+/// Every role but the auditor, who reads the log itself (`/v1/audit/*`), never a read model.
+pub(super) fn not_auditor(auth: &Auth) -> Result<(), ApiError> {
+    if auth.role == Role::Auditor {
+        return Err(ApiError::forbidden(
+            "the auditor role reads the audit endpoints, not the read models",
+        ));
+    }
+    Ok(())
+}
+
+/// A venue id from the path that the token may see; anything else is 404, like an unknown venue.
+pub(super) fn visible_venue(auth: &Auth, raw: &str) -> Result<Uuid, ApiError> {
+    let id = parse_id(raw, "venue")?;
+    if !auth.sees_venue(VenueId(id)) {
+        return Err(ApiError::not_found("venue"));
+    }
+    Ok(id)
+}
+
+const STATUSES: &[&str] = &["pending", "confirmed", "checked_in", "no_show", "cancelled"];
 
 fn encode_cursor(row: &BookingRow) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
@@ -315,45 +362,22 @@ impl AppState {
     }
 }
 
-fn may_read_bookings(auth: &Auth) -> Result<(), ApiError> {
-    match auth.role {
-        Role::Admin | Role::Manager | Role::Staff | Role::Door => Ok(()),
-        _ => Err(ApiError::forbidden(format!(
-            "the {} role may not read the booking board",
-            auth.role.as_str()
-        ))),
-    }
-}
-
-fn board_filter(auth: &Auth, q: &RawQuery) -> Result<BoardFilter, ApiError> {
-    let venue: Option<Uuid> = parse_opt("venue_id", &q.venue_id, "a venue id")?;
+fn board_filter(auth: &Auth, q: &QueryParams) -> Result<BoardFilter, ApiError> {
+    let venue = q.uuid("venue_id", "a venue id")?;
     let venue_ids = match (venue, &auth.venues) {
         (Some(v), _) if !auth.sees_venue(VenueId(v)) => return Err(ApiError::not_found("venue")),
         (Some(v), _) => Some(vec![v]),
         (None, Some(scoped)) => Some(scoped.iter().map(|v| v.0).collect()),
         (None, None) => None,
     };
-    let local_date: Option<NaiveDate> = parse_opt("date", &q.date, "a date YYYY-MM-DD")?;
-    if let Some(s) = &q.status {
-        if !STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(
-                "status",
-                format!("must be one of {}", STATUSES.join(", ")),
-            ));
-        }
-    }
-    let limit: i64 = parse_opt("limit", &q.limit, "a number from 1 to 200")?.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "limit",
-            "must be a number from 1 to 200",
-        ));
-    }
-    let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let local_date = q.date("date")?;
+    let status = q.one_of("status", STATUSES)?.map(str::to_owned);
+    let limit = q.number_in("limit", 1..=200, 50)?;
+    let after = q.text("cursor")?.map(decode_cursor).transpose()?;
     Ok(BoardFilter {
         venue_ids,
         local_date,
-        status: q.status.clone(),
+        status,
         subject_id: None,
         after,
         limit,
@@ -364,16 +388,13 @@ pub async fn list_bookings(
     State(app): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Query(q): Query<RawQuery>,
-) -> Result<Response, ApiError> {
-    may_read_bookings(&auth)?;
+    q: QueryParams,
+) -> Result<Response, QueryError> {
+    require_role(&auth, STAFF_ROLES, "read the booking board")?;
     let filter = board_filter(&auth, &q)?;
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
-    Ok(answer(position, app.page(filter).await?))
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
+    let page = app.page(filter).await.map_err(QueryError::at(position))?;
+    Ok(answer(position, page))
 }
 
 pub async fn booking_detail(
@@ -381,41 +402,43 @@ pub async fn booking_detail(
     auth: Auth,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<RawQuery>,
-) -> Result<Response, ApiError> {
-    if auth.role == Role::Auditor {
-        return Err(ApiError::forbidden(
-            "the auditor role reads the audit endpoints",
-        ));
-    }
+    q: QueryParams,
+) -> Result<Response, QueryError> {
+    not_auditor(&auth)?;
     let id = parse_id(&id, "booking")?;
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
-    let row = booking_board::booking(&app.pool, id)
-        .await?
-        .filter(|r| auth.sees_booking(VenueId(r.venue_id), SubjectId(r.subject_id)))
-        .ok_or_else(|| ApiError::not_found("booking"))?;
-    let mut item = app.booking_item(&row).await?;
-    let payments: Vec<Value> = booking_board::payments_of(&app.pool, id)
-        .await?
-        .into_iter()
-        .map(|p| {
-            json!({
-                "id": p.payment_id,
-                "kind": p.kind,
-                "status": status_of(p.authorised_minor, p.captured_minor, p.refunded_minor, p.failed),
-                "authorised_minor": p.authorised_minor,
-                "captured_minor": p.captured_minor,
-                "refunded_minor": p.refunded_minor,
-                "currency": p.currency,
-            })
-        })
-        .collect();
-    item["payments"] = json!(payments);
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
+    let item = app
+        .booking_detail(&auth, id)
+        .await
+        .map_err(QueryError::at(position))?;
     Ok(answer(position, item))
+}
+
+impl AppState {
+    async fn booking_detail(&self, auth: &Auth, id: Uuid) -> Result<Value, ApiError> {
+        let row = booking_board::booking(&self.pool, id)
+            .await?
+            .filter(|r| auth.sees_booking(VenueId(r.venue_id), SubjectId(r.subject_id)))
+            .ok_or_else(|| ApiError::not_found("booking"))?;
+        let mut item = self.booking_item(&row).await?;
+        let payments: Vec<Value> = booking_board::payments_of(&self.pool, id)
+            .await?
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "id": p.payment_id,
+                    "kind": p.kind,
+                    "status": status_of(p.authorised_minor, p.captured_minor, p.refunded_minor, p.failed),
+                    "authorised_minor": p.authorised_minor,
+                    "captured_minor": p.captured_minor,
+                    "refunded_minor": p.refunded_minor,
+                    "currency": p.currency,
+                })
+            })
+            .collect();
+        item["payments"] = json!(payments);
+        Ok(item)
+    }
 }
 
 pub async fn customer_bookings(
@@ -423,31 +446,25 @@ pub async fn customer_bookings(
     auth: Auth,
     headers: HeaderMap,
     Path(subject): Path<String>,
-    Query(q): Query<RawQuery>,
-) -> Result<Response, ApiError> {
+    q: QueryParams,
+) -> Result<Response, QueryError> {
     let subject = parse_id(&subject, "subject")?;
-    match auth.role {
-        Role::Customer if auth.subject != Some(SubjectId(subject)) => {
-            return Err(ApiError::not_found("subject"))
-        }
-        Role::Customer | Role::Admin | Role::Manager | Role::Staff => {}
-        _ => {
-            return Err(ApiError::forbidden(
-                "this role may not read customers' bookings",
-            ))
-        }
+    if auth.role == Role::Customer && auth.subject != Some(SubjectId(subject)) {
+        return Err(ApiError::not_found("subject").into());
     }
+    require_role(
+        &auth,
+        &[Role::Customer, Role::Admin, Role::Manager, Role::Staff],
+        "read customers' bookings",
+    )?;
     let mut filter = board_filter(&auth, &q)?;
     filter.subject_id = Some(subject);
     if auth.role == Role::Customer {
         filter.venue_ids = None;
     }
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
-    Ok(answer(position, app.page(filter).await?))
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
+    let page = app.page(filter).await.map_err(QueryError::at(position))?;
+    Ok(answer(position, page))
 }
 
 fn venue_json(v: &booking_board::VenueRow, resources: &[booking_board::ResourceRow]) -> Value {
@@ -466,23 +483,17 @@ pub async fn list_venues(
     State(app): State<AppState>,
     auth: Auth,
     headers: HeaderMap,
-    Query(q): Query<RawQuery>,
-) -> Result<Response, ApiError> {
-    if auth.role == Role::Auditor {
-        return Err(ApiError::forbidden(
-            "the auditor role reads the audit endpoints",
-        ));
-    }
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
+    q: QueryParams,
+) -> Result<Response, QueryError> {
+    not_auditor(&auth)?;
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
     let only: Option<Vec<Uuid>> = match (&auth.venues, auth.role) {
         (Some(v), r) if r != Role::Customer => Some(v.iter().map(|v| v.0).collect()),
         _ => None,
     };
-    let venues = booking_board::venues(&app.pool, only.as_deref()).await?;
+    let venues = booking_board::venues(&app.pool, only.as_deref())
+        .await
+        .map_err(QueryError::at(position))?;
     let items: Vec<Value> = venues.iter().map(|(v, r)| venue_json(v, r)).collect();
     Ok(answer(position, json!({"items": items})))
 }
@@ -492,23 +503,16 @@ pub async fn venue(
     auth: Auth,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Query(q): Query<RawQuery>,
-) -> Result<Response, ApiError> {
-    if auth.role == Role::Auditor {
-        return Err(ApiError::forbidden(
-            "the auditor role reads the audit endpoints",
-        ));
-    }
-    let id = parse_id(&id, "venue")?;
-    if !auth.sees_venue(VenueId(id)) {
-        return Err(ApiError::not_found("venue"));
-    }
-    let min = min_position(
-        parse_opt("min_position", &q.min_position, "a position")?,
-        &headers,
-    )?;
-    let position = app.read_position.reach(min).await?;
-    let venues = booking_board::venues(&app.pool, Some(&[id])).await?;
-    let (v, r) = venues.first().ok_or_else(|| ApiError::not_found("venue"))?;
+    q: QueryParams,
+) -> Result<Response, QueryError> {
+    not_auditor(&auth)?;
+    let id = visible_venue(&auth, &id)?;
+    let position = app.read_position.reach(q.min_position(&headers)?).await?;
+    let venues = booking_board::venues(&app.pool, Some(&[id]))
+        .await
+        .map_err(QueryError::at(position))?;
+    let (v, r) = venues
+        .first()
+        .ok_or_else(|| QueryError::at(position)(ApiError::not_found("venue")))?;
     Ok(answer(position, venue_json(v, r)))
 }

@@ -1,7 +1,8 @@
-//! The write side's storage: the append pipeline, the key vault, and loading aggregates from
-//! the log to decide on.
+//! The write side's storage: the append pipeline, the key vault, purging expired idempotency
+//! records, and loading aggregates from the log to decide on.
 
 pub mod append;
+pub mod purge;
 pub mod vault;
 
 use ledger_events::envelope::DomainEvent;

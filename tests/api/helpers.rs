@@ -95,20 +95,29 @@ impl TestApp {
     /// [`Self::second_api`] configured with another `LEDGER_BACKUP_RETENTION_DAYS`.
     #[allow(dead_code)]
     pub async fn second_api_with_retention(&self, backup_retention_days: u32) -> String {
+        self.second_api_with(|s| s.backup_retention_days = backup_retention_days)
+            .await
+    }
+
+    /// [`Self::second_api`] with its settings adjusted by `adjust`.
+    #[allow(dead_code)]
+    pub async fn second_api_with(&self, adjust: impl FnOnce(&mut Settings)) -> String {
         let pool = ledger::app::connect(&self.database_url, 8)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
-        let settings = Settings {
+        let mut settings = Settings {
             database_url: self.database_url.clone(),
             nats_url: "nats://127.0.0.1:1".into(),
-            nats_stream: "LEDGER".into(),
+            nats_stream: self.stream.clone(),
             nats_subjects: "ledger.events".into(),
             listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
             jwt_secret: self.jwt_secret.clone(),
             master_key: MasterKey::from_base64(&self.master_key).unwrap_or_else(|e| panic!("{e}")),
             webhook_secret: self.webhook_secret.clone(),
-            backup_retention_days,
+            backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
+            idempotency_retention: Default::default(),
         };
+        adjust(&mut settings);
         let app = Application::with_parts(pool, None, &settings)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
@@ -161,6 +170,8 @@ pub struct Spawn {
     pub app_port: Option<u16>,
     /// `ALTER DATABASE … SET name = value` (as the superuser) before anything connects.
     pub database_settings: Vec<(String, String)>,
+    /// The idempotency records' retention and purge period; the production defaults when `None`.
+    pub idempotency_retention: Option<ledger::store::purge::Retention>,
 }
 
 /// `url` with its host and port replaced by 127.0.0.1:`port`.
@@ -210,16 +221,24 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
     let master_key = MasterKey::generate().to_base64();
+    // The read side, on this test's own stream and subjects of the shared nats-server.
+    let id = Uuid::new_v4().simple().to_string();
+    let relay_config = ledger::relay::RelayConfig {
+        stream: format!("LEDGER_TEST_{id}"),
+        subject_prefix: format!("test{id}.events"),
+        batch: 512,
+    };
     let settings = Settings {
         database_url: database_url.clone(),
         nats_url: "nats://127.0.0.1:1".into(),
-        nats_stream: "LEDGER".into(),
+        nats_stream: relay_config.stream.clone(),
         nats_subjects: "ledger.events".into(),
         listen: "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")),
         jwt_secret: jwt_secret.clone(),
         master_key: MasterKey::from_base64(&master_key).unwrap_or_else(|e| panic!("{e}")),
         webhook_secret: webhook_secret.clone(),
         backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
+        idempotency_retention: spawn.idempotency_retention.unwrap_or_default(),
     };
     let nats_url = std::env::var("NATS_URL")
         .unwrap_or_else(|_| panic!("NATS_URL is not set: run the tests with ./dev.sh test"));
@@ -238,13 +257,6 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
     let addr = app.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run(shutdown.clone()));
-    // The read side, on this test's own stream and subjects of the shared nats-server.
-    let id = Uuid::new_v4().simple().to_string();
-    let relay_config = ledger::relay::RelayConfig {
-        stream: format!("LEDGER_TEST_{id}"),
-        subject_prefix: format!("test{id}.events"),
-        batch: 512,
-    };
     if read_side {
         let relay = ledger::relay::Relay::new(pool.clone(), connect().await, relay_config.clone());
         relay
