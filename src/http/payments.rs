@@ -376,6 +376,52 @@ pub async fn webhook(
 }
 
 impl AppState {
+    /// A redelivery that outlived its idempotency record (purged after
+    /// `LEDGER_IDEMPOTENCY_RETENTION_HOURS`; providers retry for days): the payment's own stream
+    /// still names the provider event it applied, so nothing is applied twice. The answer is the
+    /// payment as it stands now, with the position of the event that recorded the delivery.
+    async fn delivered_before(
+        &self,
+        stream: &str,
+        provider_event_id: &str,
+    ) -> Result<Option<crate::store::append::StoredResponse>, ApiError> {
+        let recorded: Option<(i64,)> = sqlx::query_as(
+            "SELECT global_position FROM events \
+              WHERE stream_id = $1 AND payload->>'provider_event_id' = $2 \
+              ORDER BY stream_version LIMIT 1",
+        )
+        .bind(stream)
+        .bind(provider_event_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| ApiError::Unexpected(e.into()))?;
+        let Some((position,)) = recorded else {
+            return Ok(None);
+        };
+        let Some(id) = stream
+            .strip_prefix("payment-")
+            .and_then(|id| uuid::Uuid::parse_str(id).ok())
+        else {
+            return Ok(None);
+        };
+        let (payment, version) = self.load_payment(PaymentId(id)).await?;
+        let Some(payment) = payment else {
+            return Ok(None);
+        };
+        let mut body = serde_json::Map::new();
+        body.insert("id".into(), json!(id));
+        body.insert("stream".into(), json!(stream));
+        body.insert("version".into(), json!(version));
+        body.insert("position".into(), json!(position));
+        if let serde_json::Value::Object(fields) = payment_answer(&payment) {
+            body.extend(fields);
+        }
+        Ok(Some(crate::store::append::StoredResponse {
+            status: StatusCode::OK.as_u16(),
+            body: serde_json::Value::Object(body),
+        }))
+    }
+
     /// Webhooks are idempotent on the provider's event id: a redelivery answers what the first
     /// delivery answered; the same id with another body is `idempotency-key-reuse`.
     async fn run_webhook<F, Fut>(
@@ -396,7 +442,7 @@ impl AppState {
                     .and_then(|p| p.as_str())
                     .map(str::to_owned)
             });
-        let claim = provider_event_id.map(|id| {
+        let claim = provider_event_id.as_ref().map(|id| {
             let keyring = self.vault.keyring();
             (
                 keyring.request_fingerprint(&[b"webhook", id.as_bytes()]),
@@ -406,6 +452,11 @@ impl AppState {
         let result = async {
             if let Some((key, hmac)) = &claim {
                 if let Some(stored) = self.stored_response(key, hmac).await? {
+                    return Ok(super::command::Accepted(stored));
+                }
+            }
+            if let (Some(stream), Some(id)) = (&target, &provider_event_id) {
+                if let Some(stored) = self.delivered_before(stream, id).await? {
                     return Ok(super::command::Accepted(stored));
                 }
             }

@@ -153,6 +153,33 @@ async fn a_redelivered_event_answers_the_same_and_appends_nothing() {
 }
 
 #[tokio::test]
+async fn a_redelivery_after_its_idempotency_record_was_purged_applies_nothing_again() {
+    let app = spawn_app().await;
+    let (payment, _) = authorised(&app, 3000).await;
+    let body = event("evt_late", payment, "captured", 1200);
+    let first = app.webhook(&body, Some(app.signature(&body))).await;
+    assert_eq!(first.status, 200, "{first:?}");
+    // What the retention purge does to it, days later (providers retry for days).
+    let purged = sqlx::query("DELETE FROM idempotency_keys")
+        .execute(&app.pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(purged.rows_affected() >= 1);
+    let all = app.count_all_events().await;
+    let again = app.webhook(&body, Some(app.signature(&body))).await;
+    assert_eq!(again.status, 200, "{again:?}");
+    assert_eq!(again.id(), payment);
+    assert_eq!(again.body["captured_minor"], 1200, "{again:?}");
+    assert_eq!(again.body["position"], first.body["position"]);
+    assert_eq!(
+        again.header("x-ledger-position"),
+        first.header("x-ledger-position")
+    );
+    assert_eq!(app.count_all_events().await, all, "nothing appended again");
+    assert_eq!(app.count_events("PaymentCaptured").await, 1);
+}
+
+#[tokio::test]
 async fn the_same_provider_event_id_with_another_body_is_422() {
     let app = spawn_app().await;
     let (payment, _) = authorised(&app, 3000).await;
