@@ -10,6 +10,7 @@
 use crate::copy::BinaryRows;
 use crate::{
     add, booking_of, decode, local_dates, payment_of, Change, Day, Decoded, ProjectionError, Rows,
+    COPY_FROM, DAY_SQL,
 };
 use chrono::{DateTime, NaiveDate, Utc};
 use ledger_events::booking::BookingEvent;
@@ -472,83 +473,152 @@ async fn write_bookings(
     bookings: &Rows<Booking>,
 ) -> Result<(), sqlx::Error> {
     let created: Vec<(Uuid, &Booking)> = bookings.created().collect();
-    let updated: Vec<(Uuid, &Booking)> = bookings.updated().collect();
-    if created.is_empty() && updated.is_empty() {
-        return Ok(());
+    if created.len() >= COPY_FROM {
+        let days = local_dates(tx, created.iter().map(|(_, b)| &b.day)).await?;
+        let mut rows = BinaryRows::new(14);
+        for ((id, b), day) in created.iter().zip(days) {
+            rows.row()
+                .uuid(*id)
+                .uuid(b.venue_id)
+                .uuid(b.resource_id)
+                .timestamptz(b.starts_at)
+                .timestamptz(b.ends_at)
+                .date(day)
+                .int4(b.party_size)
+                .text(&b.status)
+                .uuid(b.subject_id)
+                .jsonb(b.customer.as_deref().unwrap_or("null"))
+                .int8(b.paid_minor)
+                .int8(b.refunded_minor)
+                .int8(b.version)
+                .int8(b.position);
+        }
+        rows.copy(
+            tx,
+            "rm_bookings (booking_id, venue_id, resource_id, starts_at, ends_at, local_date, \
+               party_size, status, subject_id, customer, paid_minor, refunded_minor, version, \
+               position)",
+        )
+        .await?;
+    } else if !created.is_empty() {
+        let mut c = BookingColumns::default();
+        for (id, b) in &created {
+            c.push(*id, b);
+        }
+        sqlx::query(&format!(
+            "INSERT INTO rm_bookings (booking_id, venue_id, resource_id, starts_at, ends_at, \
+               local_date, party_size, status, subject_id, customer, paid_minor, refunded_minor, \
+               version, position) \
+             SELECT u.booking_id, u.venue_id, u.resource_id, u.starts_at, u.ends_at, {DAY_SQL}, \
+                    u.party_size, u.status, u.subject_id, u.customer::jsonb, u.paid_minor, \
+                    u.refunded_minor, u.version, u.position \
+               FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::timestamptz[], \
+                           $5::timestamptz[], $6::date[], $7::timestamptz[], $8::text[], \
+                           $9::int4[], $10::text[], $11::uuid[], $12::text[], $13::int8[], \
+                           $14::int8[], $15::int8[], $16::int8[]) \
+                 AS u(booking_id, venue_id, resource_id, starts_at, ends_at, day_date, \
+                      day_start, day_zone, party_size, status, subject_id, customer, \
+                      paid_minor, refunded_minor, version, position)"
+        ))
+        .bind(&c.ids)
+        .bind(&c.venues)
+        .bind(&c.resources)
+        .bind(&c.starts)
+        .bind(&c.ends)
+        .bind(&c.day_dates)
+        .bind(&c.day_starts)
+        .bind(&c.day_zones)
+        .bind(&c.parties)
+        .bind(&c.statuses)
+        .bind(&c.subjects)
+        .bind(&c.customers)
+        .bind(&c.paid)
+        .bind(&c.refunded)
+        .bind(&c.versions)
+        .bind(&c.positions)
+        .execute(&mut **tx)
+        .await?;
     }
-    let days = local_dates(tx, created.iter().chain(&updated).map(|(_, b)| &b.day)).await?;
-    let (created_days, updated_days) = days.split_at(created.len());
-
-    // New rows: one binary COPY.
-    let mut rows = BinaryRows::new(14);
-    for ((id, b), day) in created.iter().zip(created_days) {
-        rows.row()
-            .uuid(*id)
-            .uuid(b.venue_id)
-            .uuid(b.resource_id)
-            .timestamptz(b.starts_at)
-            .timestamptz(b.ends_at)
-            .date(*day)
-            .int4(b.party_size)
-            .text(&b.status)
-            .uuid(b.subject_id)
-            .jsonb(b.customer.as_deref().unwrap_or("null"))
-            .int8(b.paid_minor)
-            .int8(b.refunded_minor)
-            .int8(b.version)
-            .int8(b.position);
-    }
-    rows.copy(
-        tx,
-        "rm_bookings (booking_id, venue_id, resource_id, starts_at, ends_at, local_date, \
-           party_size, status, subject_id, customer, paid_minor, refunded_minor, version, \
-           position)",
-    )
-    .await?;
 
     // Stored rows: one UPDATE from arrays. Venue, party, subject and customer never change once
     // requested.
-    if updated.is_empty() {
+    let mut c = BookingColumns::default();
+    for (id, b) in bookings.updated() {
+        c.push(id, b);
+    }
+    if c.ids.is_empty() {
         return Ok(());
     }
-    let (mut ids, mut resources, mut starts, mut ends, mut statuses) =
-        (vec![], vec![], vec![], vec![], vec![]);
-    let (mut paid, mut refunded, mut versions, mut positions) = (vec![], vec![], vec![], vec![]);
-    for (id, b) in &updated {
-        ids.push(*id);
-        resources.push(b.resource_id);
-        starts.push(b.starts_at);
-        ends.push(b.ends_at);
-        statuses.push(b.status.as_str());
-        paid.push(b.paid_minor);
-        refunded.push(b.refunded_minor);
-        versions.push(b.version);
-        positions.push(b.position);
-    }
-    sqlx::query(
+    sqlx::query(&format!(
         "UPDATE rm_bookings b SET resource_id = u.resource_id, starts_at = u.starts_at, \
-                ends_at = u.ends_at, local_date = u.local_date, status = u.status, \
+                ends_at = u.ends_at, local_date = {DAY_SQL}, status = u.status, \
                 paid_minor = u.paid_minor, refunded_minor = u.refunded_minor, \
                 version = u.version, position = u.position \
            FROM unnest($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[], \
-                       $5::date[], $6::text[], $7::int8[], $8::int8[], $9::int8[], $10::int8[]) \
-             AS u(booking_id, resource_id, starts_at, ends_at, local_date, status, paid_minor, \
-                  refunded_minor, version, position) \
-          WHERE b.booking_id = u.booking_id",
-    )
-    .bind(&ids)
-    .bind(&resources)
-    .bind(&starts)
-    .bind(&ends)
-    .bind(updated_days)
-    .bind(&statuses)
-    .bind(&paid)
-    .bind(&refunded)
-    .bind(&versions)
-    .bind(&positions)
+                       $5::date[], $6::timestamptz[], $7::text[], $8::text[], $9::int8[], \
+                       $10::int8[], $11::int8[], $12::int8[]) \
+             AS u(booking_id, resource_id, starts_at, ends_at, day_date, day_start, day_zone, \
+                  status, paid_minor, refunded_minor, version, position) \
+          WHERE b.booking_id = u.booking_id"
+    ))
+    .bind(&c.ids)
+    .bind(&c.resources)
+    .bind(&c.starts)
+    .bind(&c.ends)
+    .bind(&c.day_dates)
+    .bind(&c.day_starts)
+    .bind(&c.day_zones)
+    .bind(&c.statuses)
+    .bind(&c.paid)
+    .bind(&c.refunded)
+    .bind(&c.versions)
+    .bind(&c.positions)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Bookings as arrays, for `unnest`.
+#[derive(Default)]
+struct BookingColumns<'a> {
+    ids: Vec<Uuid>,
+    venues: Vec<Uuid>,
+    resources: Vec<Uuid>,
+    starts: Vec<DateTime<Utc>>,
+    ends: Vec<DateTime<Utc>>,
+    day_dates: Vec<Option<NaiveDate>>,
+    day_starts: Vec<Option<DateTime<Utc>>>,
+    day_zones: Vec<Option<String>>,
+    parties: Vec<i32>,
+    statuses: Vec<&'a str>,
+    subjects: Vec<Uuid>,
+    customers: Vec<&'a str>,
+    paid: Vec<i64>,
+    refunded: Vec<i64>,
+    versions: Vec<i64>,
+    positions: Vec<i64>,
+}
+
+impl<'a> BookingColumns<'a> {
+    fn push(&mut self, id: Uuid, b: &'a Booking) {
+        let (date, start, zone) = b.day.columns();
+        self.ids.push(id);
+        self.venues.push(b.venue_id);
+        self.resources.push(b.resource_id);
+        self.starts.push(b.starts_at);
+        self.ends.push(b.ends_at);
+        self.day_dates.push(date);
+        self.day_starts.push(start);
+        self.day_zones.push(zone);
+        self.parties.push(b.party_size);
+        self.statuses.push(&b.status);
+        self.subjects.push(b.subject_id);
+        self.customers.push(b.customer.as_deref().unwrap_or("null"));
+        self.paid.push(b.paid_minor);
+        self.refunded.push(b.refunded_minor);
+        self.versions.push(b.version);
+        self.positions.push(b.position);
+    }
 }
 
 async fn write_payments(

@@ -25,15 +25,16 @@
 use crate::copy::BinaryRows;
 use crate::{
     add, booking_of, decode, local_dates, payment_of, Change, Day, Decoded, ProjectionError, Rows,
+    COPY_FROM, DAY_SQL,
 };
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use ledger_events::booking::BookingEvent;
 use ledger_events::envelope::RecordedEvent;
 use ledger_events::payment::PaymentEvent;
 use ledger_events::venue::VenueEvent;
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use uuid::Uuid;
 
 pub const NAME: &str = "daily_stats";
@@ -246,6 +247,46 @@ fn fold(
     Ok(())
 }
 
+/// The days of `ids`, in their order, from what a statement returned for each.
+fn in_order(ids: &[Uuid], days: &HashMap<Uuid, NaiveDate>) -> Result<Vec<NaiveDate>, sqlx::Error> {
+    ids.iter()
+        .map(|id| days.get(id).copied().ok_or(sqlx::Error::RowNotFound))
+        .collect()
+}
+
+/// Bookings as arrays, for `unnest`; their day as [`DAY_SQL`] reads it.
+#[derive(Default)]
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    venues: Vec<Uuid>,
+    day_dates: Vec<Option<NaiveDate>>,
+    day_starts: Vec<Option<DateTime<Utc>>>,
+    day_zones: Vec<Option<String>>,
+    parties: Vec<i32>,
+    statuses: Vec<&'a str>,
+    captured: Vec<i64>,
+    refunded: Vec<i64>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(bookings: impl Iterator<Item = (Uuid, &'a Booking)>) -> Self {
+        let mut c = Columns::default();
+        for (id, b) in bookings {
+            let (date, start, zone) = b.day.columns();
+            c.ids.push(id);
+            c.venues.push(b.venue_id);
+            c.day_dates.push(date);
+            c.day_starts.push(start);
+            c.day_zones.push(zone);
+            c.parties.push(b.party_size);
+            c.statuses.push(&b.status);
+            c.captured.push(b.captured_minor);
+            c.refunded.push(b.refunded_minor);
+        }
+        c
+    }
+}
+
 impl Booking {
     /// What the booking adds to its day's row: bookings, covers, no-shows, captured, refunded.
     fn contribution(&self) -> [i64; 5] {
@@ -307,15 +348,85 @@ async fn write(
     if created.is_empty() && updated.is_empty() {
         return Ok(());
     }
-    let days = local_dates(
-        tx,
-        created
-            .iter()
-            .map(|(_, b)| &b.day)
-            .chain(updated.iter().map(|(_, _, b)| &b.day)),
-    )
-    .await?;
-    let (created_days, updated_days) = days.split_at(created.len());
+
+    // Write the bookings, learning the days Postgres computed for them.
+    let created_days: Vec<NaiveDate> = if created.len() >= COPY_FROM {
+        let days = local_dates(tx, created.iter().map(|(_, b)| &b.day)).await?;
+        let mut rows = BinaryRows::new(7);
+        for ((id, b), day) in created.iter().zip(&days) {
+            rows.row()
+                .uuid(*id)
+                .uuid(b.venue_id)
+                .date(*day)
+                .int4(b.party_size)
+                .text(&b.status)
+                .int8(b.captured_minor)
+                .int8(b.refunded_minor);
+        }
+        rows.copy(
+            tx,
+            "rm_stats_bookings (booking_id, venue_id, local_date, party_size, status, \
+               captured_minor, refunded_minor)",
+        )
+        .await?;
+        days
+    } else if !created.is_empty() {
+        let c = Columns::of(created.iter().map(|(id, b)| (*id, *b)));
+        let days: HashMap<Uuid, NaiveDate> = sqlx::query_as(&format!(
+            "INSERT INTO rm_stats_bookings (booking_id, venue_id, local_date, party_size, status, \
+               captured_minor, refunded_minor) \
+             SELECT u.booking_id, u.venue_id, {DAY_SQL}, u.party_size, u.status, \
+                    u.captured_minor, u.refunded_minor \
+               FROM unnest($1::uuid[], $2::uuid[], $3::date[], $4::timestamptz[], $5::text[], \
+                           $6::int4[], $7::text[], $8::int8[], $9::int8[]) \
+                 AS u(booking_id, venue_id, day_date, day_start, day_zone, party_size, status, \
+                      captured_minor, refunded_minor) \
+             RETURNING booking_id, local_date"
+        ))
+        .bind(&c.ids)
+        .bind(&c.venues)
+        .bind(&c.day_dates)
+        .bind(&c.day_starts)
+        .bind(&c.day_zones)
+        .bind(&c.parties)
+        .bind(&c.statuses)
+        .bind(&c.captured)
+        .bind(&c.refunded)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        in_order(&c.ids, &days)?
+    } else {
+        Vec::new()
+    };
+    let updated_days: Vec<NaiveDate> = if updated.is_empty() {
+        Vec::new()
+    } else {
+        let c = Columns::of(updated.iter().map(|(id, _, b)| (*id, *b)));
+        let days: HashMap<Uuid, NaiveDate> = sqlx::query_as(&format!(
+            "UPDATE rm_stats_bookings b SET local_date = {DAY_SQL}, status = u.status, \
+                    captured_minor = u.captured_minor, refunded_minor = u.refunded_minor \
+               FROM unnest($1::uuid[], $2::date[], $3::timestamptz[], $4::text[], $5::text[], \
+                           $6::int8[], $7::int8[]) \
+                 AS u(booking_id, day_date, day_start, day_zone, status, captured_minor, \
+                      refunded_minor) \
+              WHERE b.booking_id = u.booking_id \
+             RETURNING b.booking_id, b.local_date"
+        ))
+        .bind(&c.ids)
+        .bind(&c.day_dates)
+        .bind(&c.day_starts)
+        .bind(&c.day_zones)
+        .bind(&c.statuses)
+        .bind(&c.captured)
+        .bind(&c.refunded)
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+        in_order(&c.ids, &days)?
+    };
 
     // Each changed booking: off the day it was on, onto the day it is on, summed per day.
     let mut sums: BTreeMap<(Uuid, NaiveDate), [i64; 5]> = BTreeMap::new();
@@ -332,52 +443,14 @@ async fn write(
         }
         Ok::<(), ProjectionError>(())
     };
-    let mut rows = BinaryRows::new(7);
-    for ((id, b), day) in created.iter().zip(created_days) {
-        rows.row()
-            .uuid(*id)
-            .uuid(b.venue_id)
-            .date(*day)
-            .int4(b.party_size)
-            .text(&b.status)
-            .int8(b.captured_minor)
-            .int8(b.refunded_minor);
+    for ((_, b), day) in created.iter().zip(&created_days) {
         add_to(b.venue_id, *day, b.contribution(), 1)?;
     }
-    rows.copy(
-        tx,
-        "rm_stats_bookings (booking_id, venue_id, local_date, party_size, status, \
-           captured_minor, refunded_minor)",
-    )
-    .await?;
-    if !updated.is_empty() {
-        let (mut ids, mut dates, mut statuses, mut captured, mut refunded) =
-            (vec![], vec![], vec![], vec![], vec![]);
-        for ((id, was, now), day) in updated.iter().zip(updated_days) {
-            if let Day::Stored(was_day) = was.day {
-                add_to(was.venue_id, was_day, was.contribution(), -1)?;
-            }
-            add_to(now.venue_id, *day, now.contribution(), 1)?;
-            ids.push(*id);
-            dates.push(*day);
-            statuses.push(now.status.as_str());
-            captured.push(now.captured_minor);
-            refunded.push(now.refunded_minor);
+    for ((_, was, now), day) in updated.iter().zip(&updated_days) {
+        if let Day::Stored(was_day) = was.day {
+            add_to(was.venue_id, was_day, was.contribution(), -1)?;
         }
-        sqlx::query(
-            "UPDATE rm_stats_bookings b SET local_date = u.local_date, status = u.status, \
-                    captured_minor = u.captured_minor, refunded_minor = u.refunded_minor \
-               FROM unnest($1::uuid[], $2::date[], $3::text[], $4::int8[], $5::int8[]) \
-                 AS u(booking_id, local_date, status, captured_minor, refunded_minor) \
-              WHERE b.booking_id = u.booking_id",
-        )
-        .bind(&ids)
-        .bind(&dates)
-        .bind(&statuses)
-        .bind(&captured)
-        .bind(&refunded)
-        .execute(&mut **tx)
-        .await?;
+        add_to(now.venue_id, *day, now.contribution(), 1)?;
     }
 
     // A day whose sums are all zero is left as it is (the per-event fold takes off and adds back

@@ -86,34 +86,44 @@ pub async fn apply_batch(
     events: &[RecordedEvent],
 ) -> Result<i64, ProjectionError> {
     let mut tx = pool.begin().await?;
-    sqlx::query(
-        "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
-    )
-    .bind(projection)
-    .execute(&mut *tx)
-    .await?;
-    // The row lock serialises two workers of the same projection.
-    let (before,): (i64,) = sqlx::query_as(
-        "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE",
-    )
-    .bind(projection)
-    .fetch_one(&mut *tx)
-    .await?;
+    // The row lock serialises two workers of the same projection. The row is made by the first
+    // batch ever (two first batches both insert; the lock then orders them).
+    const LOCK: &str =
+        "SELECT position FROM projection_checkpoints WHERE projection = $1 FOR UPDATE";
+    let locked: Option<i64> = sqlx::query_scalar(LOCK)
+        .bind(projection)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let before = match locked {
+        Some(at) => at,
+        None => {
+            sqlx::query(
+                "INSERT INTO projection_checkpoints (projection) VALUES ($1) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(projection)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query_scalar(LOCK)
+                .bind(projection)
+                .fetch_one(&mut *tx)
+                .await?
+        }
+    };
     let (fresh, at) = unapplied(before, events)?;
     if !fresh.is_empty() {
         apply_decoded(&mut tx, projection, &Batch::decode(fresh)?).await?;
+        // Delivered on commit.
         sqlx::query(
-            "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
-             WHERE projection = $1",
+            "WITH moved AS (UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+                             WHERE projection = $1 RETURNING projection) \
+             SELECT pg_notify('ledger_projection', $3) FROM moved",
         )
         .bind(projection)
         .bind(at)
+        .bind(format!("{projection}:{at}"))
         .execute(&mut *tx)
         .await?;
-        sqlx::query("SELECT pg_notify('ledger_projection', $1)")
-            .bind(format!("{projection}:{at}"))
-            .execute(&mut *tx)
-            .await?;
     }
     tx.commit().await?;
     Ok(at)
@@ -376,6 +386,24 @@ pub(crate) enum Day {
     Stored(NaiveDate),
     At(DateTime<Utc>, Option<String>),
 }
+
+impl Day {
+    /// `(day_date, day_start, day_zone)`: the columns [`DAY_SQL`] reads.
+    pub(crate) fn columns(&self) -> (Option<NaiveDate>, Option<DateTime<Utc>>, Option<String>) {
+        match self {
+            Day::Stored(d) => (Some(*d), None, None),
+            Day::At(t, zone) => (None, Some(*t), zone.clone()),
+        }
+    }
+}
+
+/// A [`Day`] in SQL, from the columns `day_date`, `day_start`, `day_zone` of `u`.
+pub(crate) const DAY_SQL: &str =
+    "coalesce(u.day_date, (u.day_start AT TIME ZONE coalesce(u.day_zone, 'UTC'))::date)";
+
+/// New rows of a big table go by binary `COPY` from this many on (its day query and extra round
+/// trips pay off); fewer, as in a worker's batches, by one `INSERT … unnest`.
+pub(crate) const COPY_FROM: usize = 64;
 
 /// The local days, in order: a stored day as it is, the others computed by Postgres in one
 /// statement.

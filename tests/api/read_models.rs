@@ -1500,6 +1500,9 @@ pub(crate) async fn rows_of(
 async fn the_set_based_fold_equals_the_per_event_fold_on_generated_logs() {
     let (pool, admin, name) = scratch_database().await;
     let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
+    // The most bookings one batch requested: small batches insert with one statement, large ones
+    // (64 new rows and more) by COPY; both must be covered.
+    let mut most_requested = 0;
     for seed in 0..6u64 {
         let events = LogGenerator::log(seed, 400);
         for e in &events {
@@ -1521,6 +1524,12 @@ async fn the_set_based_fold_equals_the_per_event_fold_on_generated_logs() {
                 let batch = &events[at..(at + len).min(events.len())];
                 at += batch.len();
                 batches += 1;
+                most_requested = most_requested.max(
+                    batch
+                        .iter()
+                        .filter(|e| e.event_type == "BookingRequested")
+                        .count(),
+                );
                 fold_into(&pool, "per_event", projection, batch, true)
                     .await
                     .unwrap_or_else(|e| panic!("per-event fold, seed {seed}: {e}"));
@@ -1567,6 +1576,10 @@ async fn the_set_based_fold_equals_the_per_event_fold_on_generated_logs() {
             "the generated logs cover {t}: {seen_types:?}"
         );
     }
+    assert!(
+        most_requested >= 80,
+        "a batch large enough to COPY: {most_requested}"
+    );
     drop_database(pool, admin, &name).await;
 }
 
