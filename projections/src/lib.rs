@@ -13,10 +13,11 @@
 //!
 //! The fold is set-based: it decodes the whole batch, loads the rows the batch refers to (by
 //! key, a statement per table), folds the batch in memory, and writes each table back with a
-//! statement or two whatever the batch's size: new rows of the big tables by binary `COPY`, the
-//! others by `INSERT`/`UPDATE … FROM unnest(arrays)`, local days computed by Postgres in one
-//! statement. Its specification is the per-event fold ([`apply_one`]: one event, a few
-//! statements, the fold as it was first written); the two are tested equal on generated logs
+//! statement or two whatever the batch's size: `INSERT`/`UPDATE … FROM unnest(arrays)`, or, for
+//! many new rows of the big tables (64 and more, as in a rebuild's pages), a binary `COPY`.
+//! Local days are computed by Postgres, in the write or in one statement before a `COPY`. Its
+//! specification is the per-event fold ([`apply_one`]: one event, a few statements, the fold as
+//! it was first written); the two are tested equal on generated logs
 //! (`tests/api/read_models.rs`), and nothing but those tests runs the per-event one.
 //!
 //! ## Layout
