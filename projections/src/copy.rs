@@ -104,3 +104,52 @@ impl BinaryRows {
         copy.finish().await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(rows: &BinaryRows) -> &[u8] {
+        // After the 19-byte header.
+        &rows.buf[19..]
+    }
+
+    #[test]
+    fn the_header_is_postgres_binary_copy() {
+        let rows = BinaryRows::new(1);
+        assert_eq!(&rows.buf[..11], b"PGCOPY\n\xff\r\n\0");
+        assert_eq!(rows.buf.len(), 19);
+    }
+
+    #[test]
+    fn instants_and_days_count_from_2000_01_01() {
+        let mut rows = BinaryRows::new(3);
+        let epoch = DateTime::parse_from_rfc3339("2000-01-01T00:00:00Z")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_utc();
+        rows.row()
+            .timestamptz(epoch + chrono::Duration::microseconds(1))
+            .date(NaiveDate::from_ymd_opt(2000, 1, 2).unwrap_or_default())
+            .date(NaiveDate::from_ymd_opt(1999, 12, 31).unwrap_or_default());
+        let mut want = Vec::new();
+        want.extend_from_slice(&3i16.to_be_bytes());
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&1i64.to_be_bytes());
+        want.extend_from_slice(&4i32.to_be_bytes());
+        want.extend_from_slice(&1i32.to_be_bytes());
+        want.extend_from_slice(&4i32.to_be_bytes());
+        want.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(fields(&rows), want);
+    }
+
+    #[test]
+    fn jsonb_is_version_one_then_the_text() {
+        let mut rows = BinaryRows::new(1);
+        rows.row().jsonb("{}");
+        let mut want = Vec::new();
+        want.extend_from_slice(&1i16.to_be_bytes());
+        want.extend_from_slice(&3i32.to_be_bytes());
+        want.extend_from_slice(b"\x01{}");
+        assert_eq!(fields(&rows), want);
+    }
+}

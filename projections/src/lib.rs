@@ -458,3 +458,55 @@ pub(crate) fn add(
         reason: "bigint out of range",
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_created_twice_is_refused_and_stored_rows_are_updated_not_inserted() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut rows: Rows<i32> = Rows::new("t");
+        rows.stored(a, 1);
+        assert!(matches!(
+            rows.create(a, 2, 7),
+            Err(ProjectionError::Refused { position: 7, .. })
+        ));
+        rows.create(b, 3, 8).unwrap_or_else(|e| panic!("{e}"));
+        assert!(rows.create(b, 4, 9).is_err());
+        assert_eq!(rows.updated().count(), 0, "unchanged");
+        if let Some(v) = rows.get_mut(&a) {
+            *v = 5;
+        }
+        assert!(rows.get_mut(&Uuid::new_v4()).is_none());
+        assert_eq!(rows.updated().collect::<Vec<_>>(), [(a, &5)]);
+        assert_eq!(rows.created().collect::<Vec<_>>(), [(b, &3)]);
+    }
+
+    #[test]
+    fn redeliveries_are_skipped_and_a_gap_is_refused() {
+        let event = |p: i64| RecordedEvent {
+            global_position: p,
+            event_id: Uuid::new_v4(),
+            stream_id: format!("audit-{p}"),
+            stream_version: 1,
+            event_type: "CommandAudited".into(),
+            schema_version: 1,
+            payload: serde_json::Value::Null,
+            metadata: serde_json::Value::Null,
+            recorded_at: Utc::now(),
+        };
+        let events: Vec<_> = [3, 4, 5, 5, 6].into_iter().map(event).collect();
+        let (fresh, at) = unapplied(4, &events).unwrap_or_else(|e| panic!("{e}"));
+        let positions: Vec<i64> = fresh.iter().map(|e| e.global_position).collect();
+        assert_eq!((positions, at), (vec![5, 6], 6));
+        let holed: Vec<_> = [5, 7].into_iter().map(event).collect();
+        assert!(matches!(
+            unapplied(4, &holed),
+            Err(ProjectionError::Gap {
+                checkpoint: 5,
+                got: 7
+            })
+        ));
+    }
+}
