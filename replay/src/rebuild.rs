@@ -2,26 +2,31 @@
 //!
 //! 1. [`Rebuild::start`] takes a per-projection advisory lock (one rebuild of a projection at a
 //!    time) and creates the shadow tables: a schema `<projection>_next` holding a copy of each of
-//!    the projection's tables (`CREATE TABLE … (LIKE live INCLUDING ALL)`, index names as live).
-//! 2. [`Rebuild::fold`] reads the log with [`crate::read_all`] in pages and applies each page with
-//!    the projection's own fold ([`ledger_projections::apply`], unchanged) in a transaction whose
+//!    the projection's tables (`CREATE TABLE … (LIKE live INCLUDING ALL)`, index names as live),
+//!    whose secondary (non-unique) indexes are dropped until the bulk of the log is in.
+//! 2. [`Rebuild::fold`] reads the log with [`crate::read_all`] in pages (keyset by position) and
+//!    applies each page with the projection's own fold ([`ledger_projections::apply`], the one
+//!    the live worker runs: set-based, a few statements per page) in a transaction whose
 //!    `SET LOCAL search_path` is the shadow schema, so its unqualified table names land there.
-//!    Meanwhile the live tables keep serving and the live worker keeps applying.
+//!    The next page is read and decoded on other tasks while one is written. Then the secondary
+//!    indexes are built and the tables analysed. Meanwhile the live tables keep serving and the
+//!    live worker keeps applying.
 //! 3. [`Rebuild::swap`], in one transaction: locks the projection's checkpoint row (the live
 //!    worker waits on it), brings shadow and live to the same position and compares them (row
-//!    counts and an md5 of the ordered rows, then differing rows by primary key), folds the
-//!    shadow up to the log head, replaces the live tables with the shadow ones and sets the
-//!    checkpoint to the head. The shadow wins: it is the fold of the log.
+//!    counts, and rows by primary key, column by column), folds the shadow up to the log head,
+//!    replaces the live tables with the shadow ones and sets the checkpoint to the head. The
+//!    shadow wins: it is the fold of the log.
 
 use crate::{head_position, read_all, ReadError};
 use ledger_events::envelope::RecordedEvent;
-use ledger_projections::{ProjectionError, PROJECTIONS};
+use ledger_projections::{Batch, ProjectionError, PROJECTIONS};
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use std::time::Instant;
 
-/// Events read (and applied in one transaction) per page.
-pub const PAGE: i64 = 2_000;
+/// Events read (and applied in one transaction) per page: the fold's statements per page are
+/// few, so a page is as large as memory comfortably allows (a few MB of events).
+pub const PAGE: i64 = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
@@ -37,6 +42,9 @@ pub enum RebuildError {
     Projection(#[from] ProjectionError),
     #[error("the log has a gap: position {got} after {after}")]
     Gap { after: i64, got: i64 },
+    /// The task reading the next page panicked or was cancelled.
+    #[error("the log reader stopped: {0}")]
+    Reader(#[from] tokio::task::JoinError),
 }
 
 /// How far the shadow fold is, for a progress bar: `position` of `head` (which moves on).
@@ -147,6 +155,15 @@ pub struct Rebuild {
     shadow: String,
     /// The session's own `search_path`, restored after each shadow fold in the swap.
     search_path: String,
+    /// `CREATE INDEX` statements of the shadow's secondary indexes, dropped while the bulk of the
+    /// log is folded (building an index once is cheaper than growing it row by row) and built
+    /// again before the shadow is compared or swapped. Unique indexes stay: they are part of
+    /// what the fold may run into.
+    deferred_indexes: Vec<String>,
+    /// Whether the shadow tables have statistics.
+    analyzed: bool,
+    /// The first page of the log, read while the shadow tables are made.
+    first_page: Option<tokio::task::JoinHandle<Result<Option<Page>, RebuildError>>>,
     position: i64,
     folded: i64,
     started: Instant,
@@ -166,9 +183,9 @@ impl Rebuild {
         let tables = ledger_projections::tables(projection)
             .ok_or_else(|| RebuildError::UnknownProjection(projection.to_owned()))?;
         let started = Instant::now();
-        // A connection of its own, outside the pool: a session lock must not outlive the rebuild
-        // on a pooled connection.
-        let mut lock = PgConnection::connect_with(&*pool.connect_options()).await?;
+        // A connection of its own, taken out of the pool for good (it closes with the rebuild):
+        // a session lock must not outlive the rebuild on a pooled connection.
+        let mut lock = pool.acquire().await?.detach();
         let locked: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
                 .bind(format!("ledger_rebuild:{projection}"))
@@ -182,6 +199,7 @@ impl Rebuild {
                 .fetch_one(pool)
                 .await?;
         let shadow = format!("{projection}_next");
+        let first_page = read_ahead(pool, 0);
         let mut tx = pool.begin().await?;
         // No "does not exist, skipping" notice in the operator's log.
         sqlx::query("SET LOCAL client_min_messages = warning")
@@ -204,6 +222,23 @@ impl Rebuild {
             .await?;
             name_indexes_as_live(&mut tx, &live, &shadow, table).await?;
         }
+        let secondary: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) \
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+              WHERE c.relnamespace = to_regnamespace($1) \
+                AND NOT i.indisunique AND NOT i.indisprimary \
+              ORDER BY c.relname",
+        )
+        .bind(ident(&shadow))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut deferred_indexes = Vec::with_capacity(secondary.len());
+        for (name, definition) in secondary {
+            sqlx::query(&format!("DROP INDEX {}.{}", ident(&shadow), ident(&name)))
+                .execute(&mut *tx)
+                .await?;
+            deferred_indexes.push(definition);
+        }
         tx.commit().await?;
         Ok(Rebuild {
             pool: pool.clone(),
@@ -212,6 +247,9 @@ impl Rebuild {
             live,
             shadow,
             search_path,
+            deferred_indexes,
+            analyzed: false,
+            first_page: Some(first_page),
             position: 0,
             folded: 0,
             started,
@@ -230,55 +268,84 @@ impl Rebuild {
     }
 
     /// Folds the log into the shadow tables up to the head, a page per transaction, while the
-    /// live tables keep serving. Reports progress after each page.
+    /// live tables keep serving. Reports progress after each page. The next page is read while
+    /// one is written.
     pub async fn fold(
         &mut self,
         progress: &mut (dyn FnMut(Progress) + Send),
     ) -> Result<(), RebuildError> {
+        let mut next = match self.first_page.take() {
+            Some(first) if self.position == 0 => first,
+            _ => read_ahead(&self.pool, self.position),
+        };
         loop {
             let head = head_position(&self.pool).await?;
             progress(Progress {
                 position: self.position,
                 head: head.max(self.position),
             });
-            let page = read_all(&self.pool, self.position, PAGE).await?;
-            if page.is_empty() {
+            let Some(page) = next.await?? else {
                 break;
-            }
+            };
+            next = read_ahead(&self.pool, page.last);
             let mut tx = self.pool.begin().await?;
-            self.apply_page(&mut tx, &page).await?;
+            // The shadow schema alone (see `fold_events`). The shadow is the rebuild's alone until
+            // the swap, which commits synchronously: a page lost in a crash is lost with the
+            // rebuild that would have used it, so its commit need not wait for the disk.
+            sqlx::query(
+                "SELECT set_config('search_path', $1, true), \
+                        set_config('synchronous_commit', 'off', true)",
+            )
+            .bind(ident(&self.shadow))
+            .execute(&mut *tx)
+            .await?;
+            ledger_projections::apply_decoded(&mut tx, self.projection, &page.batch).await?;
             tx.commit().await?;
-            self.folded += page.len() as i64;
+            self.position = page.last;
+            self.folded += page.events;
         }
-        // Fresh tables have no statistics: give the planner some before they serve queries.
-        for table in self.tables {
-            sqlx::query(&format!("ANALYZE {}.{}", ident(&self.shadow), ident(table)))
-                .execute(&self.pool)
-                .await?;
-        }
-        Ok(())
+        self.complete().await
     }
 
-    /// Applies a page that follows `self.position` to the shadow tables, inside `tx`.
-    async fn apply_page(
-        &mut self,
-        tx: &mut Transaction<'_, Postgres>,
-        page: &[RecordedEvent],
-    ) -> Result<(), RebuildError> {
-        self.position = fold_events(
-            tx,
-            self.projection,
-            Some(&self.shadow),
-            &self.search_path,
-            self.position,
-            page,
-        )
-        .await?;
+    /// Builds the deferred indexes and gives the planner statistics of the fresh tables, before
+    /// they are compared and serve queries. Does nothing the second time.
+    async fn complete(&mut self) -> Result<(), RebuildError> {
+        if self.deferred_indexes.is_empty() && self.analyzed {
+            return Ok(());
+        }
+        // Side by side, each on a connection of its own, as `pg_restore --jobs` does: builds of
+        // indexes of one table share its lock.
+        let builds: Vec<String> = std::mem::take(&mut self.deferred_indexes);
+        run_all(&self.pool, builds).await?;
+        // Every column but the jsonb ones: nothing filters or joins on a sealed envelope, and
+        // they are the costliest to sample. (A column list leaves the table's change counter
+        // alone, so autovacuum still analyses the whole table later.)
+        let mut analyses = Vec::new();
+        for table in self.tables {
+            let columns: Vec<String> = sqlx::query_scalar(
+                "SELECT attname::text FROM pg_attribute \
+                  WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped \
+                    AND atttypid <> 'jsonb'::regtype ORDER BY attnum",
+            )
+            .bind(format!("{}.{}", ident(&self.shadow), ident(table)))
+            .fetch_all(&self.pool)
+            .await?;
+            let columns: Vec<String> = columns.iter().map(|c| ident(c)).collect();
+            analyses.push(format!(
+                "ANALYZE {}.{} ({})",
+                ident(&self.shadow),
+                ident(table),
+                columns.join(", ")
+            ));
+        }
+        run_all(&self.pool, analyses).await?;
+        self.analyzed = true;
         Ok(())
     }
 
     /// Compares live and shadow and swaps the shadow in, in one transaction (see the module).
     pub async fn swap(mut self) -> Result<RebuildReport, RebuildError> {
+        self.complete().await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO projection_checkpoints (projection) VALUES ($1) ON CONFLICT DO NOTHING",
@@ -323,6 +390,10 @@ impl Rebuild {
             }
         }
         let mut differences = Vec::new();
+        // The compare hash-joins whole rows: room for them in memory, not in batches on disk.
+        sqlx::query("SET LOCAL work_mem = '64MB'")
+            .execute(&mut *tx)
+            .await?;
         for table in self.tables {
             if let Some(d) = compare(&mut tx, &self.live, &self.shadow, table).await? {
                 differences.push(d);
@@ -416,6 +487,66 @@ impl Rebuild {
     }
 }
 
+/// Runs the statements concurrently, each in its own transaction on a connection of the pool.
+async fn run_all(pool: &PgPool, statements: Vec<String>) -> Result<(), RebuildError> {
+    let tasks: Vec<_> = statements
+        .into_iter()
+        .map(|statement| {
+            let pool = pool.clone();
+            tokio::spawn(async move { sqlx::query(&statement).execute(&pool).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// A page of the log, read and decoded ahead of the fold.
+struct Page {
+    /// The position of its last event.
+    last: i64,
+    events: i64,
+    batch: Batch,
+}
+
+/// Reads the page of the log after `after` and decodes it, on tasks of their own, so the fold
+/// writes one page while the next is read and decoded; `None` past the head.
+fn read_ahead(
+    pool: &PgPool,
+    after: i64,
+) -> tokio::task::JoinHandle<Result<Option<Page>, RebuildError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move {
+        let events = read_all(&pool, after, PAGE).await?;
+        if events.is_empty() {
+            return Ok(None);
+        }
+        let last = follows(after, &events)?;
+        let n = events.len() as i64;
+        let batch = tokio::task::spawn_blocking(move || Batch::decode(&events)).await??;
+        Ok(Some(Page {
+            last,
+            events: n,
+            batch,
+        }))
+    })
+}
+
+/// The position `events` reach when they follow `at` one by one; a gap is refused.
+fn follows(mut at: i64, events: &[RecordedEvent]) -> Result<i64, RebuildError> {
+    for event in events {
+        if event.global_position != at + 1 {
+            return Err(RebuildError::Gap {
+                after: at,
+                got: event.global_position,
+            });
+        }
+        at = event.global_position;
+    }
+    Ok(at)
+}
+
 /// Applies `events` (which must follow `at` without a gap) with the projection's fold, its
 /// unqualified table names resolved in `schema` (or the session's own path for `None`). Returns
 /// the position reached. The `search_path` is the session's own again on return.
@@ -424,7 +555,7 @@ async fn fold_events(
     projection: &'static str,
     schema: Option<&str>,
     search_path: &str,
-    mut at: i64,
+    at: i64,
     events: &[RecordedEvent],
 ) -> Result<i64, RebuildError> {
     if let Some(schema) = schema {
@@ -435,16 +566,8 @@ async fn fold_events(
             .execute(&mut **tx)
             .await?;
     }
-    for event in events {
-        if event.global_position != at + 1 {
-            return Err(RebuildError::Gap {
-                after: at,
-                got: event.global_position,
-            });
-        }
-        ledger_projections::apply(tx, projection, event).await?;
-        at = event.global_position;
-    }
+    let at = follows(at, events)?;
+    ledger_projections::apply(tx, projection, events).await?;
     if schema.is_some() {
         sqlx::query("SELECT set_config('search_path', $1, true)")
             .bind(search_path)
@@ -521,8 +644,9 @@ async fn name_indexes_as_live(
     Ok(())
 }
 
-/// Row counts and an md5 of the ordered rows of the live and shadow copies of `table`; when they
-/// differ, the rows that differ by primary key (or, without one, the multiset difference).
+/// Row counts of the live and shadow copies of `table` and how many rows differ: by primary key,
+/// a row either side lacks or whose columns are not all equal (or, without a key, the multiset
+/// difference). `None` when the two are the same rows.
 async fn compare(
     tx: &mut Transaction<'_, Postgres>,
     live: &str,
@@ -531,19 +655,6 @@ async fn compare(
 ) -> Result<Option<TableDiff>, sqlx::Error> {
     let l = format!("{}.{}", ident(live), ident(table));
     let s = format!("{}.{}", ident(shadow), ident(table));
-    let digest = |name: &str| {
-        format!(
-            "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') \
-               FROM {name} AS t"
-        )
-    };
-    let (live_rows, live_md5): (i64, String) =
-        sqlx::query_as(&digest(&l)).fetch_one(&mut **tx).await?;
-    let (shadow_rows, shadow_md5): (i64, String) =
-        sqlx::query_as(&digest(&s)).fetch_one(&mut **tx).await?;
-    if (live_rows, &live_md5) == (shadow_rows, &shadow_md5) {
-        return Ok(None);
-    }
     let key: Vec<String> = sqlx::query_scalar(
         "SELECT a.attname::text FROM pg_index i \
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
@@ -553,29 +664,37 @@ async fn compare(
     .bind(&l)
     .fetch_all(&mut **tx)
     .await?;
-    let differing_rows: i64 = if key.is_empty() {
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM ((SELECT * FROM {l} EXCEPT ALL SELECT * FROM {s}) \
-                UNION ALL (SELECT * FROM {s} EXCEPT ALL SELECT * FROM {l})) AS d"
-        ))
-        .fetch_one(&mut **tx)
-        .await?
-    } else {
+    // One pass over both: a hash join on the key, rows compared column by column (record
+    // equality), no text rendering or sort of the rows.
+    let (live_rows, shadow_rows, differing_rows): (i64, i64, i64) = if let Some(first) = key.first()
+    {
         let cols = |alias: &str| {
             key.iter()
                 .map(|k| format!("{alias}.{}", ident(k)))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {l} AS l FULL JOIN {s} AS s ON (ROW({lk}) = ROW({sk})) \
-              WHERE l::text IS DISTINCT FROM s::text",
+        sqlx::query_as(&format!(
+            "SELECT count(l.{k}), count(s.{k}), count(*) FILTER (WHERE l IS DISTINCT FROM s) \
+               FROM {l} AS l FULL JOIN {s} AS s ON (ROW({lk}) = ROW({sk}))",
+            k = ident(first),
             lk = cols("l"),
             sk = cols("s")
         ))
         .fetch_one(&mut **tx)
         .await?
+    } else {
+        sqlx::query_as(&format!(
+            "SELECT (SELECT count(*) FROM {l}), (SELECT count(*) FROM {s}), \
+                    (SELECT count(*) FROM ((SELECT * FROM {l} EXCEPT ALL SELECT * FROM {s}) \
+                       UNION ALL (SELECT * FROM {s} EXCEPT ALL SELECT * FROM {l})) AS d)"
+        ))
+        .fetch_one(&mut **tx)
+        .await?
     };
+    if differing_rows == 0 && live_rows == shadow_rows {
+        return Ok(None);
+    }
     Ok(Some(TableDiff {
         table: table.to_owned(),
         live_rows,

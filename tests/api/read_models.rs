@@ -1038,7 +1038,7 @@ fn fold_stats(events: &[RecordedEvent]) -> BTreeMap<(Uuid, NaiveDate), DayStats>
     days
 }
 
-async fn all_events(pool: &sqlx::PgPool) -> Vec<RecordedEvent> {
+pub(crate) async fn all_events(pool: &sqlx::PgPool) -> Vec<RecordedEvent> {
     let mut events = Vec::new();
     loop {
         let after = events
@@ -1149,4 +1149,557 @@ pub(crate) async fn assert_stats_parity(app: &TestApp) {
         folded,
         "a fresh daily_stats projection rebuilt from Postgres vs a plain fold of the log"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The set-based fold against the per-event fold it replaced, on generated logs.
+
+/// A log written straight from the event types (no API, so anything a log may hold, in any
+/// order): venues in zones far from UTC, one registered only after bookings refer to it and one
+/// never; resources; bookings around local midnights over a few days, rescheduled across days,
+/// confirmed, cancelled (with and without a sealed reason), checked in, marked no-show, in any
+/// order and sometimes for bookings that do not exist; payments authorised, captured, refunded
+/// and failed, sometimes for unknown payments or bookings; erasures and audit records.
+pub(crate) struct LogGenerator {
+    rng: rand::rngs::StdRng,
+    events: Vec<RecordedEvent>,
+    versions: HashMap<String, i64>,
+    /// (venue, zone, registered).
+    venues: Vec<(Uuid, &'static str, bool)>,
+    resources: Vec<(Uuid, Uuid)>,
+    bookings: Vec<Uuid>,
+    payments: Vec<Uuid>,
+    subjects: Vec<Uuid>,
+}
+
+impl LogGenerator {
+    fn new(seed: u64) -> Self {
+        let zones = [
+            "Europe/Berlin",
+            "America/New_York",
+            "Pacific/Kiritimati",
+            "Pacific/Pago_Pago",
+            "Asia/Kolkata",
+        ];
+        LogGenerator {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            events: Vec::new(),
+            versions: HashMap::new(),
+            venues: zones.iter().map(|z| (Uuid::new_v4(), *z, false)).collect(),
+            resources: Vec::new(),
+            bookings: Vec::new(),
+            payments: Vec::new(),
+            subjects: (0..6).map(|_| Uuid::new_v4()).collect(),
+        }
+    }
+
+    fn push(&mut self, stream: String, event_type: &str, payload: Value) {
+        let version = self.versions.entry(stream.clone()).or_insert(0);
+        *version += 1;
+        let version = *version;
+        self.events.push(RecordedEvent {
+            global_position: self.events.len() as i64 + 1,
+            event_id: Uuid::new_v4(),
+            stream_id: stream,
+            stream_version: version,
+            event_type: event_type.to_owned(),
+            schema_version: 1,
+            payload,
+            metadata: json!({"actor": "generator"}),
+            recorded_at: Utc::now(),
+        });
+    }
+
+    fn domain<E: DomainEvent>(&mut self, category: &str, id: Uuid, e: E) {
+        let (t, p) = (e.event_type(), e.payload());
+        self.push(format!("{category}-{id}"), t, p);
+    }
+
+    fn sealed(&mut self, subject: Uuid) -> ledger_events::pii::Sealed {
+        ledger_events::pii::Sealed {
+            v: 1,
+            sub: subject,
+            kid: Uuid::new_v4(),
+            n: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+            ct: format!("{:x}", self.rng.gen::<u128>()),
+        }
+    }
+
+    /// A booking id: mostly one that exists, now and then one that does not.
+    fn some_booking(&mut self) -> Uuid {
+        if self.bookings.is_empty() || self.rng.gen_bool(0.05) {
+            Uuid::new_v4()
+        } else {
+            self.bookings[self.rng.gen_range(0..self.bookings.len())]
+        }
+    }
+
+    fn some_payment(&mut self) -> Uuid {
+        if self.payments.is_empty() || self.rng.gen_bool(0.05) {
+            Uuid::new_v4()
+        } else {
+            self.payments[self.rng.gen_range(0..self.payments.len())]
+        }
+    }
+
+    /// An instant within four days, on a half hour, often near some zone's midnight.
+    fn instant(&mut self) -> DateTime<Utc> {
+        instant("2030-06-01T00:00:00Z") + chrono::Duration::minutes(30 * self.rng.gen_range(0..192))
+    }
+
+    fn step(&mut self) {
+        use ledger_events::booking as b;
+        use ledger_events::ids::*;
+        use ledger_events::payment as p;
+        use ledger_events::venue as v;
+        let unregistered: Vec<usize> = (0..self.venues.len())
+            .filter(|i| !self.venues[*i].2)
+            .collect();
+        match self.rng.gen_range(0..100) {
+            // Venues get registered over time, but the last one never.
+            0..=3 if unregistered.len() > 1 => {
+                let i = unregistered[0];
+                self.venues[i].2 = true;
+                let (id, zone, _) = self.venues[i];
+                let e = VenueEvent::VenueRegistered(v::VenueRegistered {
+                    venue_id: VenueId(id),
+                    name: format!("Venue in {zone}"),
+                    timezone: zone.into(),
+                });
+                self.domain("venue", id, e);
+            }
+            4..=8 => {
+                let (venue, ..) = self.venues[self.rng.gen_range(0..self.venues.len())];
+                let resource = Uuid::new_v4();
+                self.resources.push((venue, resource));
+                let e = VenueEvent::ResourceAdded(v::ResourceAdded {
+                    venue_id: VenueId(venue),
+                    resource_id: ResourceId(resource),
+                    name: "Table".into(),
+                    capacity: self.rng.gen_range(1..20),
+                });
+                self.domain("venue", venue, e);
+            }
+            9..=35 => {
+                let (venue, resource) = if self.resources.is_empty() || self.rng.gen_bool(0.1) {
+                    (
+                        self.venues[self.rng.gen_range(0..self.venues.len())].0,
+                        Uuid::new_v4(),
+                    )
+                } else {
+                    self.resources[self.rng.gen_range(0..self.resources.len())]
+                };
+                let id = Uuid::new_v4();
+                self.bookings.push(id);
+                let subject = self.subjects[self.rng.gen_range(0..self.subjects.len())];
+                let starts_at = self.instant();
+                let customer = self.sealed(subject);
+                let e = BookingEvent::BookingRequested(b::BookingRequested {
+                    booking_id: BookingId(id),
+                    venue_id: VenueId(venue),
+                    resource_id: ResourceId(resource),
+                    starts_at,
+                    ends_at: starts_at + chrono::Duration::minutes(90),
+                    party_size: self.rng.gen_range(1..13),
+                    subject_id: SubjectId(subject),
+                    customer,
+                });
+                self.domain("booking", id, e);
+            }
+            36..=43 => {
+                let id = self.some_booking();
+                let starts_at = self.instant();
+                let e = BookingEvent::BookingRescheduled(b::BookingRescheduled {
+                    booking_id: BookingId(id),
+                    resource_id: ResourceId(Uuid::new_v4()),
+                    starts_at,
+                    ends_at: starts_at + chrono::Duration::minutes(60),
+                    previous_resource_id: ResourceId(Uuid::new_v4()),
+                    previous_starts_at: starts_at,
+                    previous_ends_at: starts_at,
+                });
+                self.domain("booking", id, e);
+            }
+            44..=63 => {
+                let id = self.some_booking();
+                let booking_id = BookingId(id);
+                let e = match self.rng.gen_range(0..5) {
+                    0 | 1 => BookingEvent::BookingConfirmed(b::BookingConfirmed { booking_id }),
+                    2 => {
+                        let reason = if self.rng.gen_bool(0.5) {
+                            let subject = self.subjects[0];
+                            Some(self.sealed(subject))
+                        } else {
+                            None
+                        };
+                        BookingEvent::BookingCancelled(b::BookingCancelled { booking_id, reason })
+                    }
+                    3 => BookingEvent::GuestCheckedIn(b::GuestCheckedIn { booking_id }),
+                    _ => BookingEvent::BookingNoShow(b::BookingNoShow { booking_id }),
+                };
+                self.domain("booking", id, e);
+            }
+            64..=73 => {
+                let booking = self.some_booking();
+                let id = Uuid::new_v4();
+                self.payments.push(id);
+                let e = PaymentEvent::PaymentAuthorized(p::PaymentAuthorized {
+                    payment_id: PaymentId(id),
+                    booking_id: BookingId(booking),
+                    venue_id: VenueId(self.venues[0].0),
+                    kind: if self.rng.gen_bool(0.5) {
+                        p::PaymentKind::Deposit
+                    } else {
+                        p::PaymentKind::Balance
+                    },
+                    amount_minor: self.rng.gen_range(1..500) * 100,
+                    currency: ledger_events::money::Currency::parse("EUR")
+                        .unwrap_or_else(|e| panic!("{e:?}")),
+                });
+                self.domain("payment", id, e);
+            }
+            74..=89 => {
+                let id = self.some_payment();
+                let payment_id = PaymentId(id);
+                let amount_minor = self.rng.gen_range(1..200) * 100;
+                let e = match self.rng.gen_range(0..5) {
+                    0..=2 => PaymentEvent::PaymentCaptured(p::PaymentCaptured {
+                        payment_id,
+                        amount_minor,
+                        provider_event_id: None,
+                    }),
+                    3 => PaymentEvent::PaymentRefunded(p::PaymentRefunded {
+                        payment_id,
+                        amount_minor,
+                        provider_event_id: Some("evt_1".into()),
+                    }),
+                    _ => PaymentEvent::PaymentFailed(p::PaymentFailed {
+                        payment_id,
+                        provider_event_id: None,
+                    }),
+                };
+                self.domain("payment", id, e);
+            }
+            90..=94 => {
+                let subject = self.subjects[self.rng.gen_range(0..self.subjects.len())];
+                let payload = json!({"subject_id": subject, "key_id": Uuid::new_v4(),
+                                     "key_fingerprint": "00"});
+                self.push(format!("subject-{subject}"), "SubjectErased", payload);
+            }
+            _ => {
+                let payload = json!({"command": "CancelBooking", "status": 409});
+                self.push("audit-20300601".into(), "CommandAudited", payload);
+            }
+        }
+    }
+
+    pub(crate) fn log(seed: u64, len: usize) -> Vec<RecordedEvent> {
+        let mut g = LogGenerator::new(seed);
+        while g.events.len() < len {
+            g.step();
+        }
+        g.events
+    }
+}
+
+/// A scratch database, migrated: its pool, and what drops it.
+pub(crate) async fn scratch_database() -> (sqlx::PgPool, PgConnection, String) {
+    let admin = admin_url();
+    let name = format!("ledger_folds_{}", Uuid::new_v4().simple());
+    let mut conn = PgConnection::connect(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let pool = ledger::app::connect(&with_database(&admin, &name), 4)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    ledger::app::migrate(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    (pool, conn, name)
+}
+
+pub(crate) async fn drop_database(pool: sqlx::PgPool, mut admin: PgConnection, name: &str) {
+    pool.close().await;
+    let _ = sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await;
+}
+
+/// A schema holding empty copies of a projection's tables.
+pub(crate) async fn fresh_schema(pool: &sqlx::PgPool, schema: &str, projection: &str) {
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for table in ledger_projections::tables(projection).unwrap_or_default() {
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+        ))
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Applies `events` in one transaction, into `schema`: one by one with the per-event fold, or as
+/// a batch with the set-based one.
+pub(crate) async fn fold_into(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    projection: &str,
+    events: &[RecordedEvent],
+    one_by_one: bool,
+) -> Result<(), ledger_projections::ProjectionError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT set_config('search_path', $1, true)")
+        .bind(schema)
+        .execute(&mut *tx)
+        .await?;
+    if one_by_one {
+        for e in events {
+            ledger_projections::apply_one(&mut tx, projection, e).await?;
+        }
+    } else {
+        ledger_projections::apply(&mut tx, projection, events).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Every row of the projection's tables in `schema`, as text, table by table.
+pub(crate) async fn rows_of(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    projection: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for table in ledger_projections::tables(projection).unwrap_or_default() {
+        let rows: String = sqlx::query_scalar(&format!(
+            "SELECT coalesce(string_agg(t::text, E'\\n' ORDER BY t::text), '') FROM {schema}.{table} t"
+        ))
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        out.push((table.to_string(), rows));
+    }
+    out
+}
+
+/// Property: for generated logs cut into batches of random sizes (one event, a few, many, the
+/// rest), every table of each projection holds the same rows after each batch whether the batch
+/// went through the set-based fold or, event by event, through the per-event fold.
+#[tokio::test]
+async fn the_set_based_fold_equals_the_per_event_fold_on_generated_logs() {
+    let (pool, admin, name) = scratch_database().await;
+    let mut seen_types: BTreeMap<String, usize> = BTreeMap::new();
+    // The most bookings one batch requested: small batches insert with one statement, large ones
+    // (64 new rows and more) by COPY; both must be covered.
+    let mut most_requested = 0;
+    for seed in 0..6u64 {
+        let events = LogGenerator::log(seed, 400);
+        for e in &events {
+            *seen_types.entry(e.event_type.clone()).or_default() += 1;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xba7c4);
+        for projection in ledger_projections::PROJECTIONS {
+            fresh_schema(&pool, "per_event", projection).await;
+            fresh_schema(&pool, "set_based", projection).await;
+            let mut at = 0;
+            let mut batches = 0;
+            while at < events.len() {
+                let len = match rng.gen_range(0..4) {
+                    0 => 1,
+                    1 => rng.gen_range(2..10),
+                    2 => rng.gen_range(10..150),
+                    _ => events.len(),
+                };
+                let batch = &events[at..(at + len).min(events.len())];
+                at += batch.len();
+                batches += 1;
+                most_requested = most_requested.max(
+                    batch
+                        .iter()
+                        .filter(|e| e.event_type == "BookingRequested")
+                        .count(),
+                );
+                fold_into(&pool, "per_event", projection, batch, true)
+                    .await
+                    .unwrap_or_else(|e| panic!("per-event fold, seed {seed}: {e}"));
+                fold_into(&pool, "set_based", projection, batch, false)
+                    .await
+                    .unwrap_or_else(|e| panic!("set-based fold, seed {seed}: {e}"));
+                let expected = rows_of(&pool, "per_event", projection).await;
+                let got = rows_of(&pool, "set_based", projection).await;
+                for ((table, want), (_, have)) in expected.iter().zip(&got) {
+                    assert!(
+                        want == have,
+                        "seed {seed}, {projection}, {table} after position {at} \
+                         (batch {batches} of {} events):\nper-event:\n{want}\nset-based:\n{have}",
+                        batch.len()
+                    );
+                }
+            }
+            // The generated logs fill the tables they fold into.
+            let filled = rows_of(&pool, "set_based", projection).await;
+            assert!(
+                filled.iter().all(|(_, rows)| !rows.is_empty()),
+                "seed {seed}, {projection}: {filled:?}"
+            );
+        }
+    }
+    for t in [
+        "VenueRegistered",
+        "ResourceAdded",
+        "BookingRequested",
+        "BookingRescheduled",
+        "BookingConfirmed",
+        "BookingCancelled",
+        "GuestCheckedIn",
+        "BookingNoShow",
+        "PaymentAuthorized",
+        "PaymentCaptured",
+        "PaymentRefunded",
+        "PaymentFailed",
+        "SubjectErased",
+        "CommandAudited",
+    ] {
+        assert!(
+            seen_types.get(t).copied().unwrap_or(0) >= 10,
+            "the generated logs cover {t}: {seen_types:?}"
+        );
+    }
+    assert!(
+        most_requested >= 80,
+        "a batch large enough to COPY: {most_requested}"
+    );
+    drop_database(pool, admin, &name).await;
+}
+
+/// What the per-event fold refuses (a row created twice, in one batch or across two), the
+/// set-based one refuses too, and a refused batch leaves nothing behind.
+#[tokio::test]
+async fn the_set_based_fold_refuses_a_row_created_twice() {
+    let (pool, admin, name) = scratch_database().await;
+    let events = LogGenerator::log(7, 60);
+    let requested = events
+        .iter()
+        .find(|e| e.event_type == "BookingRequested")
+        .cloned()
+        .unwrap_or_else(|| panic!("the log requests a booking"));
+    let registered = events
+        .iter()
+        .find(|e| e.event_type == "VenueRegistered")
+        .cloned()
+        .unwrap_or_else(|| panic!("the log registers a venue"));
+    for projection in ledger_projections::PROJECTIONS {
+        for twice in [&requested, &registered] {
+            for one_by_one in [true, false] {
+                let schema = "twice";
+                fresh_schema(&pool, schema, projection).await;
+                // In one batch.
+                let batch = [twice.clone(), twice.clone()];
+                let r = fold_into(&pool, schema, projection, &batch, one_by_one).await;
+                assert!(r.is_err(), "{projection} {}: {r:?}", twice.event_type);
+                assert!(
+                    rows_of(&pool, schema, projection)
+                        .await
+                        .iter()
+                        .all(|(_, rows)| rows.is_empty()),
+                    "a refused batch leaves nothing"
+                );
+                // Across two.
+                fold_into(&pool, schema, projection, &batch[..1], one_by_one)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let r = fold_into(&pool, schema, projection, &batch[1..], one_by_one).await;
+                assert!(r.is_err(), "{projection} {}: {r:?}", twice.event_type);
+            }
+        }
+    }
+    drop_database(pool, admin, &name).await;
+}
+
+/// The worker's transaction: events at or below the checkpoint are skipped (a redelivery changes
+/// nothing), a gap is refused with nothing of its batch applied, and each commit that moves the
+/// checkpoint notifies `name:position` (what `min_position` and the live board wait on).
+#[tokio::test]
+async fn apply_batch_skips_what_it_applied_refuses_gaps_and_notifies_each_commit() {
+    let (pool, admin, name) = scratch_database().await;
+    let events = LogGenerator::log(11, 120);
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    listener
+        .listen("ledger_projection")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let board = ledger_projections::booking_board::NAME;
+    let checkpoint = |pool: sqlx::PgPool| async move {
+        let mut conn = pool.acquire().await.unwrap_or_else(|e| panic!("{e}"));
+        ledger_projections::checkpoint(&mut conn, board)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let apply = |range: std::ops::Range<usize>| {
+        let (pool, events) = (pool.clone(), events[range].to_vec());
+        async move { ledger_projections::apply_batch(&pool, board, &events).await }
+    };
+    assert_eq!(apply(0..50).await.unwrap_or_else(|e| panic!("{e}")), 50);
+    let n = listener.recv().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n.payload(), format!("{board}:50"));
+    let after_first = rows_of(&pool, "public", board).await;
+
+    // A redelivery of what was applied changes nothing and notifies nothing.
+    assert_eq!(apply(10..50).await.unwrap_or_else(|e| panic!("{e}")), 50);
+    assert_eq!(rows_of(&pool, "public", board).await, after_first);
+    // Overlapping: the known part is skipped, the rest applied.
+    assert_eq!(apply(40..80).await.unwrap_or_else(|e| panic!("{e}")), 80);
+    let n = listener.recv().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        n.payload(),
+        format!("{board}:80"),
+        "no notification for the redelivery"
+    );
+
+    // A gap at the start or in the middle: refused, and nothing of the batch is applied.
+    let before = rows_of(&pool, "public", board).await;
+    match apply(81..100).await {
+        Err(ledger_projections::ProjectionError::Gap { checkpoint, got }) => {
+            assert_eq!((checkpoint, got), (80, 82))
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut holed = events[80..90].to_vec();
+    holed.remove(4);
+    match ledger_projections::apply_batch(&pool, board, &holed).await {
+        Err(ledger_projections::ProjectionError::Gap { checkpoint, got }) => {
+            assert_eq!((checkpoint, got), (84, 86))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(checkpoint(pool.clone()).await, 80);
+    assert_eq!(rows_of(&pool, "public", board).await, before);
+
+    // The rest goes on from the checkpoint, and equals the per-event fold of the whole log.
+    assert_eq!(apply(80..120).await.unwrap_or_else(|e| panic!("{e}")), 120);
+    let n = listener.recv().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(n.payload(), format!("{board}:120"));
+    fresh_schema(&pool, "per_event", board).await;
+    fold_into(&pool, "per_event", board, &events, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        rows_of(&pool, "public", board).await,
+        rows_of(&pool, "per_event", board).await
+    );
+    drop(listener);
+    drop_database(pool, admin, &name).await;
 }
