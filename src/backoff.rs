@@ -22,7 +22,7 @@ impl Backoff {
     }
 
     /// The pause before the next attempt; the one after it doubles, up to a second.
-    pub fn pause(&mut self) -> Duration {
+    pub fn next_pause(&mut self) -> Duration {
         let now = self.0;
         self.0 = (self.0 * 2).min(MOST);
         now
@@ -37,7 +37,7 @@ mod tests {
     fn doubles_up_to_a_second() {
         let mut b = Backoff::default();
         assert!(b.is_first());
-        let pauses: Vec<u64> = (0..6).map(|_| b.pause().as_millis() as u64).collect();
+        let pauses: Vec<u64> = (0..6).map(|_| b.next_pause().as_millis() as u64).collect();
         assert_eq!(pauses, [100, 200, 400, 800, 1000, 1000]);
         assert!(!b.is_first());
     }

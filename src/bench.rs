@@ -410,6 +410,32 @@ async fn pipeline(pool: &PgPool, writers: usize, duration: Duration) -> anyhow::
     figure
 }
 
+/// An admin token for the benchmark's app, an HTTP client, and a venue registered through the API.
+async fn bench_venue(
+    base: &str,
+    jwt_secret: &[u8],
+) -> anyhow::Result<(String, reqwest::Client, String)> {
+    let token = JwtKeys::new(jwt_secret).sign(&Claims {
+        sub: "bench".into(),
+        role: Role::Admin,
+        exp: Utc::now().timestamp() + 3600,
+        iat: None,
+        subject: None,
+        venues: None,
+    })?;
+    let client = reqwest::Client::new();
+    let venue: Value = client
+        .post(format!("{base}/v1/venues"))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Bench", "timezone": "UTC"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let venue_id = venue["id"].as_str().unwrap_or_default().to_owned();
+    Ok((token, client, venue_id))
+}
+
 async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow::Result<Figure> {
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let settings = Settings {
@@ -430,24 +456,7 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
     let base = format!("http://{}", app.local_addr()?);
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
-    let token = JwtKeys::new(&jwt_secret).sign(&Claims {
-        sub: "bench".into(),
-        role: Role::Admin,
-        exp: Utc::now().timestamp() + 3600,
-        iat: None,
-        subject: None,
-        venues: None,
-    })?;
-    let client = reqwest::Client::new();
-    let venue: Value = client
-        .post(format!("{base}/v1/venues"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Bench", "timezone": "UTC"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let venue_id = venue["id"].as_str().unwrap_or_default().to_owned();
+    let (token, client, venue_id) = bench_venue(&base, &jwt_secret).await?;
     // One resource per client, so clients never contend for a slot: this measures throughput,
     // not the (tested elsewhere) refusal path.
     let mut resources = Vec::new();
@@ -695,24 +704,7 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
         )
         .run(shutdown.clone()),
     );
-    let token = JwtKeys::new(&jwt_secret).sign(&Claims {
-        sub: "bench".into(),
-        role: Role::Admin,
-        exp: Utc::now().timestamp() + 3600,
-        iat: None,
-        subject: None,
-        venues: None,
-    })?;
-    let client = reqwest::Client::new();
-    let venue: Value = client
-        .post(format!("{base}/v1/venues"))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Bench", "timezone": "UTC"}))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let venue_id = venue["id"].as_str().unwrap_or_default().to_owned();
+    let (token, client, venue_id) = bench_venue(&base, &jwt_secret).await?;
     let r: Value = client
         .post(format!("{base}/v1/venues/{venue_id}/resources"))
         .bearer_auth(&token)

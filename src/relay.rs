@@ -214,7 +214,7 @@ impl Relay {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(pause.pause()) => {}
+                _ = tokio::time::sleep(pause.next_pause()) => {}
             }
         }
     }

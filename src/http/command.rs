@@ -464,11 +464,28 @@ impl AppState {
 }
 
 fn response_body(id: Uuid, stream: &str, a: &Appended, extra: &Map<String, Value>) -> Value {
+    answer_body(
+        id,
+        stream,
+        a.version_of(stream).unwrap_or(0),
+        a.last_position,
+        extra,
+    )
+}
+
+/// A command's answer: `{id, stream, version, position}` and the handler's fields.
+pub fn answer_body(
+    id: Uuid,
+    stream: &str,
+    version: i64,
+    position: i64,
+    extra: &Map<String, Value>,
+) -> Value {
     let mut body = Map::new();
     body.insert("id".into(), json!(id));
     body.insert("stream".into(), json!(stream));
-    body.insert("version".into(), json!(a.version_of(stream).unwrap_or(0)));
-    body.insert("position".into(), json!(a.last_position));
+    body.insert("version".into(), json!(version));
+    body.insert("position".into(), json!(position));
     for (k, v) in extra {
         body.insert(k.clone(), v.clone());
     }

@@ -39,28 +39,22 @@ struct Refund {
     amount_minor: i64,
 }
 
-fn payment_answer(p: &Payment) -> serde_json::Value {
-    json!({
-        "status": p.status(),
-        "authorised_minor": p.authorised_minor,
-        "captured_minor": p.captured_minor,
-        "refunded_minor": p.refunded_minor,
-        "currency": p.currency,
-    })
+/// The payment's fields in a command's answer.
+fn payment_answer(p: &Payment) -> serde_json::Map<String, serde_json::Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("status".into(), json!(p.status()));
+    fields.insert("authorised_minor".into(), json!(p.authorised_minor));
+    fields.insert("captured_minor".into(), json!(p.captured_minor));
+    fields.insert("refunded_minor".into(), json!(p.refunded_minor));
+    fields.insert("currency".into(), json!(p.currency));
+    fields
 }
 
-fn with_payment(decision: Decision, after: Option<Payment>) -> Decision {
-    match after {
-        Some(p) => {
-            let answer = payment_answer(&p);
-            let mut d = decision;
-            if let serde_json::Value::Object(map) = answer {
-                d.extra.extend(map);
-            }
-            d
-        }
-        None => decision,
+fn with_payment(mut decision: Decision, after: Option<Payment>) -> Decision {
+    if let Some(p) = after {
+        decision.extra.extend(payment_answer(&p));
     }
+    decision
 }
 
 pub async fn authorize(
@@ -408,17 +402,15 @@ impl AppState {
         let Some(payment) = payment else {
             return Ok(None);
         };
-        let mut body = serde_json::Map::new();
-        body.insert("id".into(), json!(id));
-        body.insert("stream".into(), json!(stream));
-        body.insert("version".into(), json!(version));
-        body.insert("position".into(), json!(position));
-        if let serde_json::Value::Object(fields) = payment_answer(&payment) {
-            body.extend(fields);
-        }
         Ok(Some(crate::store::append::StoredResponse {
             status: StatusCode::OK.as_u16(),
-            body: serde_json::Value::Object(body),
+            body: super::command::answer_body(
+                id,
+                stream,
+                version,
+                position,
+                &payment_answer(&payment),
+            ),
         }))
     }
 

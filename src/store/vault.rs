@@ -199,7 +199,7 @@ impl KeyVault {
                     if pause.is_first() {
                         tracing::warn!(error = %e, "cannot listen for erasures; keys are not cached meanwhile");
                     }
-                    tokio::time::sleep(pause.pause()).await;
+                    tokio::time::sleep(pause.next_pause()).await;
                     continue;
                 }
             };
