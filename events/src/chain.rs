@@ -91,6 +91,74 @@ pub fn row_bytes(row: &HashedRow<'_>) -> Vec<u8> {
     out
 }
 
+/// [`canonical_json`] as a string (the canonical form is UTF-8 by construction).
+pub fn canonical_json_string(value: &Value) -> String {
+    String::from_utf8(canonical_json(value)).unwrap_or_else(|e| {
+        // Unreachable: every byte written comes from a `str` or is ASCII. Stay correct anyway.
+        String::from_utf8_lossy(e.as_bytes()).into_owned()
+    })
+}
+
+/// A row whose payload and metadata are already in canonical form ([`canonical_json`]), so the
+/// append writer only assembles and hashes: the costly walk over the values is done once, by
+/// the task that submitted them, off the writer's path.
+#[derive(Clone, Copy, Debug)]
+pub struct CanonicalRow<'a> {
+    pub global_position: i64,
+    pub event_id: Uuid,
+    pub stream_id: &'a str,
+    pub stream_version: i64,
+    pub event_type: &'a str,
+    pub schema_version: i32,
+    /// `canonical_json(payload)`.
+    pub payload: &'a [u8],
+    /// `canonical_json(metadata)`.
+    pub metadata: &'a [u8],
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// The same bytes as [`row_bytes`] of the row with these values, written into `out` (cleared
+/// first, so one buffer serves a whole batch). The members are in JCS order already: all keys
+/// are ASCII, where UTF-16 order is byte order.
+pub fn canonical_row_bytes(row: &CanonicalRow<'_>, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    out.clear();
+    out.extend_from_slice(b"{\"event_id\":\"");
+    let mut id = Uuid::encode_buffer();
+    out.extend_from_slice(row.event_id.hyphenated().encode_lower(&mut id).as_bytes());
+    out.extend_from_slice(b"\",\"event_type\":");
+    write_string(out, row.event_type);
+    let _ = write!(
+        out,
+        ",\"global_position\":{},\"metadata\":",
+        row.global_position
+    );
+    out.extend_from_slice(row.metadata);
+    out.extend_from_slice(b",\"payload\":");
+    out.extend_from_slice(row.payload);
+    out.extend_from_slice(b",\"recorded_at\":");
+    write_string(
+        out,
+        &row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+    );
+    let _ = write!(
+        out,
+        ",\"schema_version\":{},\"stream_id\":",
+        row.schema_version
+    );
+    write_string(out, row.stream_id);
+    let _ = write!(out, ",\"stream_version\":{}}}", row.stream_version);
+}
+
+/// [`leaf_hash`] of a [`CanonicalRow`]; `buf` is scratch space reused across rows.
+pub fn canonical_leaf_hash(row: &CanonicalRow<'_>, buf: &mut Vec<u8>) -> [u8; 32] {
+    canonical_row_bytes(row, buf);
+    let mut hasher = Sha256::new();
+    hasher.update([LEAF_PREFIX]);
+    hasher.update(&buf[..]);
+    hasher.finalize().into()
+}
+
 pub fn leaf_hash(row: &HashedRow<'_>) -> [u8; 32] {
     let mut hasher = Sha256::new();
     hasher.update([LEAF_PREFIX]);
@@ -420,24 +488,33 @@ fn write_string(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     // Every byte that needs escaping is ASCII, and ASCII bytes never occur inside a multi-byte
-    // UTF-8 sequence, so a byte-wise scan copies all other characters through intact.
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x00..=0x1f => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0x0f)]);
-            }
-            _ => out.push(b),
+    // UTF-8 sequence, so a byte-wise scan copies all other characters through intact. Runs that
+    // need no escaping are copied whole.
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[run..i]);
+        run = i + 1;
+        if escaped.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0x0f)]);
+        } else {
+            out.extend_from_slice(escaped);
         }
     }
+    out.extend_from_slice(&bytes[run..]);
     out.push(b'"');
 }
 
@@ -747,6 +824,50 @@ mod tests {
             let pretty = serde_json::to_string_pretty(&v).unwrap();
             let reparsed: Value = serde_json::from_str(&pretty).unwrap();
             prop_assert_eq!(canonical_json(&reparsed), canonical_json(&v));
+        }
+
+        #[test]
+        fn a_canonical_row_hashes_as_the_row_of_its_values(
+            payload in arb_json(),
+            metadata in arb_json(),
+            stream_id in any::<String>(),
+            event_type in any::<String>(),
+            position in any::<i64>(),
+            version in any::<i64>(),
+            schema in any::<i32>(),
+            micros in 0i64..4_102_444_800_000_000,
+        ) {
+            let recorded_at = DateTime::from_timestamp_micros(micros).unwrap();
+            let event_id = Uuid::from_u128(micros as u128 * 7919);
+            let row = HashedRow {
+                global_position: position,
+                event_id,
+                stream_id: &stream_id,
+                stream_version: version,
+                event_type: &event_type,
+                schema_version: schema,
+                payload: &payload,
+                metadata: &metadata,
+                recorded_at,
+            };
+            let (p, m) = (canonical_json(&payload), canonical_json(&metadata));
+            let canonical = CanonicalRow {
+                global_position: position,
+                event_id,
+                stream_id: &stream_id,
+                stream_version: version,
+                event_type: &event_type,
+                schema_version: schema,
+                payload: &p,
+                metadata: &m,
+                recorded_at,
+            };
+            let mut buf = vec![1, 2, 3];
+            canonical_row_bytes(&canonical, &mut buf);
+            let expected = row_bytes(&row);
+            prop_assert_eq!(String::from_utf8_lossy(&buf), String::from_utf8_lossy(&expected));
+            prop_assert_eq!(canonical_leaf_hash(&canonical, &mut buf), leaf_hash(&row));
+            prop_assert_eq!(canonical_json_string(&payload).into_bytes(), p);
         }
 
         #[test]

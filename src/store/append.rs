@@ -19,7 +19,7 @@
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ledger_events::booking::TimeSlot;
-use ledger_events::chain::{entry_hash, leaf_hash, HashedRow};
+use ledger_events::chain::{canonical_json_string, canonical_leaf_hash, entry_hash, CanonicalRow};
 use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -146,7 +146,46 @@ type Reply = oneshot::Sender<Result<AppendOutcome, AppendError>>;
 
 struct Job {
     request: AppendRequest,
+    prepared: Prepared,
     reply: Reply,
+}
+
+/// A request's values in the form the writer stores and hashes: canonical JSON text of its
+/// metadata and of each event's payload, and the subject of every sealed envelope in each
+/// payload. Made by the submitting task before it queues the request, so the walks over the
+/// values run in parallel across submitters instead of one after another on the writer's path.
+struct Prepared {
+    metadata: String,
+    /// One per event, in request order (streams, then their events).
+    events: Vec<PreparedEvent>,
+}
+
+struct PreparedEvent {
+    payload: String,
+    sealed: Vec<Uuid>,
+}
+
+impl Prepared {
+    fn new(request: &AppendRequest) -> Self {
+        let metadata = serde_json::to_value(&request.metadata).unwrap_or(Value::Null);
+        let events = request
+            .streams
+            .iter()
+            .flat_map(|s| &s.events)
+            .map(|event| {
+                let mut sealed = Vec::new();
+                sealed_subjects(&event.payload, &mut sealed);
+                PreparedEvent {
+                    payload: canonical_json_string(&event.payload),
+                    sealed,
+                }
+            })
+            .collect();
+        Prepared {
+            metadata: canonical_json_string(&metadata),
+            events,
+        }
+    }
 }
 
 /// The handle handlers append through. Cheap to clone; the writer stops when every handle is gone.
@@ -184,8 +223,13 @@ impl Appender {
             return Err(AppendError::Invalid("an append needs at least one event"));
         }
         let (reply, answer) = oneshot::channel();
+        let prepared = Prepared::new(&request);
         self.queue
-            .send(Job { request, reply })
+            .send(Job {
+                request,
+                prepared,
+                reply,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         answer.await.map_err(|_| AppendError::Closed)?
@@ -274,6 +318,7 @@ async fn attempt(
     conn: &mut WriterConnection,
     known: &mut Knowledge,
     requests: &[&AppendRequest],
+    prepared: &[&Prepared],
 ) -> Result<Verdicts, Failed> {
     let c = match writer_connection(pool, conn).await {
         Ok(c) => c,
@@ -282,7 +327,7 @@ async fn attempt(
             return Err(Failed::Connect(e));
         }
     };
-    let written = write_batch(c, known, requests).await;
+    let written = write_batch(c, known, requests, prepared).await;
     conn.used = Some(std::time::Instant::now());
     match written {
         Ok(verdicts) => Ok(verdicts),
@@ -305,14 +350,15 @@ async fn write_jobs(
     jobs: Vec<Job>,
 ) -> Option<Arc<sqlx::Error>> {
     let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
-    let mut result = attempt(pool, conn, known, &requests).await;
+    let prepared: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
+    let mut result = attempt(pool, conn, known, &requests, &prepared).await;
     // A server that restarted closed the writer's idle connection: the next statement is answered
     // with that error response (57P01 and the like), so it certainly was not applied. One more try
     // on a fresh connection makes a restart invisible to the commands that come after it.
     if let Err(Failed::Write(e @ sqlx::Error::Database(_))) = &result {
         if is_unavailable(e) {
             tracing::debug!(error = %e, "the writer's connection was closed; retrying on a new one");
-            result = attempt(pool, conn, known, &requests).await;
+            result = attempt(pool, conn, known, &requests, &prepared).await;
         }
     }
     match result {
@@ -330,16 +376,18 @@ async fn write_jobs(
             for job in jobs {
                 let result = match &unreachable {
                     Some(e) => Err(AppendError::Database(e.clone())),
-                    None => match attempt(pool, conn, known, &[&job.request]).await {
-                        Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
-                        Err(Failed::Connect(e) | Failed::Write(e)) => {
-                            let e = Arc::new(e);
-                            if is_unavailable(&e) {
-                                unreachable = Some(e.clone());
+                    None => {
+                        match attempt(pool, conn, known, &[&job.request], &[&job.prepared]).await {
+                            Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
+                            Err(Failed::Connect(e) | Failed::Write(e)) => {
+                                let e = Arc::new(e);
+                                if is_unavailable(&e) {
+                                    unreachable = Some(e.clone());
+                                }
+                                Err(AppendError::Database(e))
                             }
-                            Err(AppendError::Database(e))
                         }
-                    },
+                    }
                 };
                 let _ = job.reply.send(result);
             }
@@ -522,11 +570,8 @@ async fn write_batch(
     conn: &mut PgConnection,
     known: &mut Knowledge,
     requests: &[&AppendRequest],
+    prepared: &[&Prepared],
 ) -> Result<Verdicts, sqlx::Error> {
-    let metadata: Vec<Value> = requests
-        .iter()
-        .map(|r| serde_json::to_value(&r.metadata).unwrap_or(Value::Null))
-        .collect();
     let t0 = std::time::Instant::now();
     // Beliefs for this batch: the version of each stream it touches, and the stored keys.
     let mut assumed: HashMap<String, i64> = HashMap::new();
@@ -611,35 +656,40 @@ async fn write_batch(
         let mut versions = assumed.clone();
         let mut verdicts = plan.verdicts;
         let mut responses: HashMap<usize, StoredResponse> = HashMap::new();
+        let mut scratch = Vec::with_capacity(2048);
         for &i in &plan.accepted {
-            let request = requests[i];
+            let (request, prepared) = (requests[i], prepared[i]);
             let first_position = position + 1;
             let mut after = Vec::with_capacity(request.streams.len());
+            let mut canonical = prepared.events.iter();
             for stream in &request.streams {
                 let version = versions.entry(stream.stream_id.clone()).or_insert(0);
                 for event in &stream.events {
+                    let Some(values) = canonical.next() else {
+                        // Unreachable: `Prepared::new` made one per event of this request.
+                        return Err(sqlx::Error::Protocol("an event was not prepared".into()));
+                    };
                     position += 1;
                     *version += 1;
-                    let leaf = leaf_hash(&HashedRow {
+                    let row = CanonicalRow {
                         global_position: position,
                         event_id: event.event_id,
                         stream_id: &stream.stream_id,
                         stream_version: *version,
                         event_type: event.event_type,
                         schema_version: event.schema_version,
-                        payload: &event.payload,
-                        metadata: &metadata[i],
+                        payload: values.payload.as_bytes(),
+                        metadata: prepared.metadata.as_bytes(),
                         recorded_at,
-                    });
+                    };
+                    let leaf = canonical_leaf_hash(&row, &mut scratch);
                     chain = entry_hash(&chain, &leaf);
                     event_requests.push(i);
                     rows.push(
-                        position,
-                        event,
-                        &stream.stream_id,
-                        *version,
-                        &metadata[i],
-                        recorded_at,
+                        row,
+                        event.event_type,
+                        values,
+                        &prepared.metadata,
                         leaf,
                         chain,
                     );
@@ -678,7 +728,8 @@ async fn write_batch(
         let planned_micros = t0.elapsed().as_micros() as u64;
         let (outcome, refused): (String, Vec<i32>) = sqlx::query_as(
             "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
-             $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18, $19, $20, $21, $22, $23, \
+             $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18::text[]::jsonb[], \
+             $19::text[]::jsonb[], $20, $21, $22, $23, \
              $24, $25, $26, $27, $28, $29)",
         )
         .bind(head_position)
@@ -897,8 +948,9 @@ struct EventRows<'a> {
     versions: Vec<i64>,
     types: Vec<&'static str>,
     schema_versions: Vec<i32>,
-    payloads: Vec<&'a Value>,
-    metadata: Vec<&'a Value>,
+    /// Canonical JSON text; Postgres parses it into `jsonb`.
+    payloads: Vec<&'a str>,
+    metadata: Vec<&'a str>,
     recorded_at: Vec<DateTime<Utc>>,
     leaf_hashes: Vec<Vec<u8>>,
     entry_hashes: Vec<Vec<u8>>,
@@ -909,36 +961,30 @@ struct EventRows<'a> {
 }
 
 impl<'a> EventRows<'a> {
-    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
-        position: i64,
-        event: &'a NewEvent,
-        stream_id: &str,
-        version: i64,
-        metadata: &'a Value,
-        recorded_at: DateTime<Utc>,
+        row: CanonicalRow<'_>,
+        event_type: &'static str,
+        values: &'a PreparedEvent,
+        metadata: &'a str,
         leaf: [u8; 32],
         entry: [u8; 32],
     ) {
-        self.positions.push(position);
-        self.event_ids.push(event.event_id);
-        self.stream_ids.push(stream_id.to_owned());
-        self.versions.push(version);
-        self.types.push(event.event_type);
-        self.schema_versions.push(event.schema_version);
-        self.payloads.push(&event.payload);
+        self.positions.push(row.global_position);
+        self.event_ids.push(row.event_id);
+        self.stream_ids.push(row.stream_id.to_owned());
+        self.versions.push(row.stream_version);
+        self.types.push(event_type);
+        self.schema_versions.push(row.schema_version);
+        self.payloads.push(&values.payload);
         self.metadata.push(metadata);
-        self.recorded_at.push(recorded_at);
+        self.recorded_at.push(row.recorded_at);
         self.leaf_hashes.push(leaf.to_vec());
         self.entry_hashes.push(entry.to_vec());
-        let row = self.positions.len() as i32;
-        let before = self.sealed_subjects.len();
-        sealed_subjects(&event.payload, &mut self.sealed_subjects);
-        self.sealed_rows.resize(
-            self.sealed_rows.len() + self.sealed_subjects.len() - before,
-            row,
-        );
+        let index = self.positions.len() as i32;
+        self.sealed_subjects.extend_from_slice(&values.sealed);
+        self.sealed_rows
+            .resize(self.sealed_rows.len() + values.sealed.len(), index);
     }
 }
 
