@@ -144,10 +144,26 @@ pub enum AppendError {
 
 type Reply = oneshot::Sender<Result<AppendOutcome, AppendError>>;
 
+/// A queued request. The submitting task keeps a second reference to what it submitted, and the
+/// writer lets go of its own before answering: the request is then freed by the submitting task,
+/// in parallel, rather than by the writer between two batches (measured: ~5 µs a request, most
+/// of the time the writer spent answering a batch).
 struct Job {
+    submitted: Arc<Submitted>,
+    reply: Reply,
+}
+
+struct Submitted {
     request: AppendRequest,
     prepared: Prepared,
-    reply: Reply,
+}
+
+impl Job {
+    fn answer(self, result: Result<AppendOutcome, AppendError>) {
+        let Job { submitted, reply } = self;
+        drop(submitted);
+        let _ = reply.send(result);
+    }
 }
 
 /// A request's values in the form the writer stores and hashes: canonical JSON text of its
@@ -224,15 +240,17 @@ impl Appender {
         }
         let (reply, answer) = oneshot::channel();
         let prepared = Prepared::new(&request);
+        let submitted = Arc::new(Submitted { request, prepared });
         self.queue
             .send(Job {
-                request,
-                prepared,
+                submitted: submitted.clone(),
                 reply,
             })
             .await
             .map_err(|_| AppendError::Closed)?;
-        answer.await.map_err(|_| AppendError::Closed)?
+        let answer = answer.await.map_err(|_| AppendError::Closed)?;
+        drop(submitted);
+        answer
     }
 }
 
@@ -251,7 +269,7 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
         let jobs = std::mem::take(&mut batch);
         let events: usize = jobs
             .iter()
-            .flat_map(|j| &j.request.streams)
+            .flat_map(|j| &j.submitted.request.streams)
             .map(|s| s.events.len())
             .sum();
         metrics.batches.fetch_add(1, Relaxed);
@@ -261,7 +279,7 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
             // The database is unreachable: what queued while the writer waited for a connection
             // would wait as long again. It is answered now (503), and its clients retry.
             while let Ok(job) = rx.try_recv() {
-                let _ = job.reply.send(Err(AppendError::Database(e.clone())));
+                job.answer(Err(AppendError::Database(e.clone())));
             }
         }
         metrics
@@ -349,8 +367,8 @@ async fn write_jobs(
     known: &mut Knowledge,
     jobs: Vec<Job>,
 ) -> Option<Arc<sqlx::Error>> {
-    let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.request).collect();
-    let prepared: Vec<&Prepared> = jobs.iter().map(|j| &j.prepared).collect();
+    let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.submitted.request).collect();
+    let prepared: Vec<&Prepared> = jobs.iter().map(|j| &j.submitted.prepared).collect();
     let mut result = attempt(pool, conn, known, &requests, &prepared).await;
     // A server that restarted closed the writer's idle connection: the next statement is answered
     // with that error response (57P01 and the like), so it certainly was not applied. One more try
@@ -364,7 +382,7 @@ async fn write_jobs(
     match result {
         Ok(results) => {
             for (job, result) in jobs.into_iter().zip(results) {
-                let _ = job.reply.send(result);
+                job.answer(result);
             }
             None
         }
@@ -377,7 +395,8 @@ async fn write_jobs(
                 let result = match &unreachable {
                     Some(e) => Err(AppendError::Database(e.clone())),
                     None => {
-                        match attempt(pool, conn, known, &[&job.request], &[&job.prepared]).await {
+                        let Submitted { request, prepared } = &*job.submitted;
+                        match attempt(pool, conn, known, &[request], &[prepared]).await {
                             Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
                             Err(Failed::Connect(e) | Failed::Write(e)) => {
                                 let e = Arc::new(e);
@@ -389,7 +408,7 @@ async fn write_jobs(
                         }
                     }
                 };
-                let _ = job.reply.send(result);
+                job.answer(result);
             }
             unreachable
         }
@@ -405,7 +424,7 @@ async fn write_jobs(
             }
             let e = Arc::new(e);
             for job in jobs {
-                let _ = job.reply.send(Err(AppendError::Database(e.clone())));
+                job.answer(Err(AppendError::Database(e.clone())));
             }
             connect.then_some(e)
         }
@@ -762,7 +781,8 @@ async fn write_batch(
         .bind(&rows.sealed_rows)
         .bind(&rows.sealed_subjects)
         .fetch_one(&mut *conn)
-        .await?;
+        .await
+        .or_else(refusal_as_outcome)?;
         tracing::trace!(
             rounds,
             read_done,
@@ -809,6 +829,38 @@ async fn write_batch(
                 need_read = true;
             }
         }
+    }
+}
+
+/// `append_batch` refuses a batch by failing its statement, which undoes all of it (ADR 0001):
+/// refused slot changes raise `LG001` with their 1-based indexes in DETAIL, and a belief found
+/// stale by a unique constraint (a stream version, an idempotency key stored meanwhile) is that
+/// constraint's violation. Both become outcomes; any other error stays one (a clash on
+/// `event_id` is a bug in the caller, not a stale belief, and retrying would not clear it).
+fn refusal_as_outcome(e: sqlx::Error) -> Result<(String, Vec<i32>), sqlx::Error> {
+    let sqlx::Error::Database(db) = &e else {
+        return Err(e);
+    };
+    match (db.code().as_deref(), db.constraint()) {
+        (Some("LG001"), _) => {
+            let refused: Vec<i32> = db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.detail())
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|i| i.trim().parse().ok())
+                .collect();
+            // Without the indexes the batch would be planned again as it was, and refused again.
+            if refused.is_empty() {
+                return Err(e);
+            }
+            Ok(("slots-refused".to_owned(), refused))
+        }
+        (
+            Some("23505"),
+            Some("events_stream_id_stream_version_key" | "events_pkey" | "idempotency_keys_pkey"),
+        ) => Ok(("stale".to_owned(), Vec::new())),
+        _ => Err(e),
     }
 }
 

@@ -26,3 +26,4 @@ mod rebuild;
 mod relay;
 mod tamper;
 mod webhook;
+mod writers;

@@ -1,0 +1,235 @@
+//! The append pipeline when it is not alone: two writers (as two API processes would run) on
+//! one log, beliefs that turn out stale, and a batch the database refuses. Driven through
+//! `Appender` directly, because these are the writer's paths, not a handler's.
+use crate::helpers::*;
+use ledger::store::append::{
+    AppendError, AppendOutcome, AppendRequest, Appender, IdempotencyClaim, StoredResponse,
+    StreamAppend,
+};
+use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+fn request(stream: &str, expected: ExpectedVersion, events: usize) -> AppendRequest {
+    let id = Uuid::now_v7();
+    AppendRequest {
+        streams: vec![StreamAppend {
+            stream_id: stream.to_owned(),
+            expected,
+            events: (0..events)
+                .map(|i| NewEvent {
+                    event_id: Uuid::now_v7(),
+                    event_type: "VenueRenamed",
+                    schema_version: 1,
+                    payload: json!({"name": format!("n{i}"), "note": "tab\tand \"quotes\""}),
+                })
+                .collect(),
+        }],
+        metadata: Metadata {
+            actor: "writer-test".into(),
+            role: "admin".into(),
+            command: "Rename".into(),
+            request_id: id,
+            correlation_id: id,
+            causation_id: id,
+        },
+        slot: None,
+        idempotency: None,
+    }
+}
+
+fn claim(key: u8) -> IdempotencyClaim {
+    IdempotencyClaim {
+        key_hash: [key; 32],
+        request_hmac: [key; 32],
+        respond: Arc::new(|a| StoredResponse {
+            status: 201,
+            body: json!({"position": a.last_position}),
+        }),
+    }
+}
+
+async fn stream_versions(app: &TestApp, stream: &str) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY global_position",
+    )
+    .bind(stream)
+    .fetch_all(&app.pool)
+    .await
+    .expect("read the stream's versions")
+}
+
+/// Two writers append to the same streams at once, each also under idempotency keys the other
+/// uses: every accepted append lands once where it was told, each key is appended once and
+/// replayed by the other, and the log stays gapless, in version order per stream, and verifies.
+#[tokio::test]
+async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
+    let app = spawn_app().await;
+    let (a, writer_a) = Appender::spawn(app.pool.clone());
+    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let run = Uuid::now_v7();
+    let streams: Vec<String> = (0..4).map(|i| format!("venue-{run}-{i}")).collect();
+    let mut tasks = Vec::new();
+    for t in 0..16u8 {
+        let appender = if t % 2 == 0 { a.clone() } else { b.clone() };
+        let streams = streams.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for n in 0..12u8 {
+                let stream = &streams[usize::from(t + n) % streams.len()];
+                let mut req = request(stream, ExpectedVersion::Any, 1 + usize::from(n % 2));
+                // Keys 0..8 are each sent by one task of each writer, at the same step.
+                if n == 3 {
+                    req.idempotency = Some(claim(t / 2));
+                }
+                let outcome = appender.append(req).await.unwrap_or_else(|e| panic!("{e}"));
+                landed.push((n == 3, outcome));
+            }
+            landed
+        }));
+    }
+    let mut appended_positions = Vec::new();
+    let (mut keyed_appended, mut keyed_replayed) = (0, 0);
+    for task in tasks {
+        for (keyed, outcome) in task.await.expect("task") {
+            match outcome {
+                AppendOutcome::Appended(at, stored) => {
+                    appended_positions.extend(at.first_position..=at.last_position);
+                    if keyed {
+                        keyed_appended += 1;
+                        assert_eq!(
+                            stored.expect("a keyed append stores its response").body["position"],
+                            at.last_position
+                        );
+                    }
+                }
+                AppendOutcome::Replayed(stored) => {
+                    assert!(keyed, "only keyed appends replay");
+                    keyed_replayed += 1;
+                    assert_eq!(stored.status, 201);
+                }
+            }
+        }
+    }
+    assert_eq!((keyed_appended, keyed_replayed), (8, 8));
+    appended_positions.sort_unstable();
+    let head: i64 = sqlx::query_scalar("SELECT position FROM log_head")
+        .fetch_one(&app.pool)
+        .await
+        .expect("query");
+    let before = head - appended_positions.len() as i64;
+    let expected: Vec<i64> = (before + 1..=head).collect();
+    assert_eq!(appended_positions, expected, "every position once, no gap");
+    let mut total = 0;
+    for stream in &streams {
+        let versions = stream_versions(&app, stream).await;
+        assert_eq!(versions, (1..=versions.len() as i64).collect::<Vec<_>>());
+        total += versions.len();
+    }
+    assert_eq!(total, appended_positions.len());
+    let report = ledger_replay::verify::verify(&app.pool)
+        .await
+        .expect("verify");
+    assert!(report.intact, "{report:?}");
+    drop((a, b));
+    let _ = tokio::join!(writer_a, writer_b);
+}
+
+/// A writer that does not know a stream takes the handler's word for its version; when another
+/// process has moved the stream on, the unique version refuses the insert, and the writer reads
+/// and answers a version conflict with the actual version, having written nothing.
+#[tokio::test]
+async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
+    let app = spawn_app().await;
+    let (a, writer_a) = Appender::spawn(app.pool.clone());
+    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let run = Uuid::now_v7();
+    let (x, y) = (format!("venue-{run}-x"), format!("venue-{run}-y"));
+    a.append(request(&x, ExpectedVersion::NoStream, 2))
+        .await
+        .expect("append");
+    // B learns the head (one read) but nothing of x.
+    b.append(request(&y, ExpectedVersion::NoStream, 1))
+        .await
+        .expect("append");
+    let head_before: i64 = sqlx::query_scalar("SELECT position FROM log_head")
+        .fetch_one(&app.pool)
+        .await
+        .expect("query");
+    let refused = b.append(request(&x, ExpectedVersion::Exact(1), 1)).await;
+    match refused {
+        Err(AppendError::VersionConflict {
+            stream_id, actual, ..
+        }) => assert_eq!((stream_id.as_str(), actual), (x.as_str(), 2)),
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    let head_after: i64 = sqlx::query_scalar("SELECT position FROM log_head")
+        .fetch_one(&app.pool)
+        .await
+        .expect("query");
+    assert_eq!(head_after, head_before, "nothing appended");
+    assert_eq!(stream_versions(&app, &x).await, vec![1, 2]);
+    // And the writer goes on with what it read.
+    let ok = b.append(request(&x, ExpectedVersion::Exact(2), 1)).await;
+    assert!(matches!(ok, Ok(AppendOutcome::Appended(..))), "{ok:?}");
+    drop((a, b));
+    let _ = tokio::join!(writer_a, writer_b);
+}
+
+/// An event id that is already in the log is not a stale belief: re-reading cannot clear it.
+/// The command is refused with an error (once, not retried for ever), and the commands batched
+/// with it are appended.
+#[tokio::test]
+async fn a_clashing_event_id_fails_its_command_alone_and_is_not_retried_for_ever() {
+    let app = spawn_app().await;
+    let (appender, writer) = Appender::spawn(app.pool.clone());
+    let run = Uuid::now_v7();
+    let first = request(&format!("venue-{run}-first"), ExpectedVersion::NoStream, 1);
+    let reused = first.streams[0].events[0].event_id;
+    appender.append(first).await.expect("append");
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let appender = appender.clone();
+        let mut req = request(&format!("venue-{run}-{i}"), ExpectedVersion::NoStream, 1);
+        if i == 3 {
+            req.streams[0].events[0].event_id = reused;
+        }
+        tasks.push(tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(20), appender.append(req))
+                .await
+                .expect("the append is answered")
+        }));
+    }
+    let mut outcomes = HashMap::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        outcomes.insert(i, task.await.expect("task"));
+    }
+    for (i, outcome) in &outcomes {
+        if *i == 3 {
+            assert!(
+                matches!(outcome, Err(AppendError::Database(_))),
+                "{outcome:?}"
+            );
+        } else {
+            assert!(
+                matches!(outcome, Ok(AppendOutcome::Appended(..))),
+                "{outcome:?}"
+            );
+        }
+    }
+    let clashes: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE event_id = $1")
+        .bind(reused)
+        .fetch_one(&app.pool)
+        .await
+        .expect("query");
+    assert_eq!(clashes, 1);
+    let report = ledger_replay::verify::verify(&app.pool)
+        .await
+        .expect("verify");
+    assert!(report.intact, "{report:?}");
+    drop(appender);
+    let _ = writer.await;
+}
