@@ -255,21 +255,23 @@ impl KeyVault {
     /// The erasure certificate of a subject, if erased, signed (see
     /// [`ledger_events::checkpoint::sign_erasure_certificate`]).
     ///
-    /// What is stored was written by the shredding trigger inside the erasure's transaction and
-    /// depends on nothing but the log; the signature is made here, with the checkpoints' Ed25519
+    /// What is stored was written by the shredding trigger inside the erasure's transaction, its
+    /// coverage (the sealed events, before the erasure's position) completed by the first reader
+    /// outside the append, and depends on nothing but the log; the signature is made here, with the checkpoints' Ed25519
     /// key. Ed25519 is deterministic, so every call in every process of the deployment answers
     /// the same bytes.
     pub async fn certificate(
         &self,
         subject: SubjectId,
     ) -> Result<Option<serde_json::Value>, VaultError> {
-        let row: Option<(serde_json::Value,)> = sqlx::query_as(
-            "SELECT certificate FROM keystore.erasure_certificates WHERE subject_id = $1",
-        )
-        .bind(subject.0)
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some((stored,)) = row else {
+        // Completes the certificate's coverage if this is its first reading (migration 0014:
+        // the erasure's append no longer scans the log under the head lock).
+        let stored: Option<serde_json::Value> =
+            sqlx::query_scalar("SELECT keystore.erasure_certificate($1)")
+                .bind(subject.0)
+                .fetch_one(&self.pool)
+                .await?;
+        let Some(stored) = stored else {
             return Ok(None);
         };
         let serde_json::Value::Object(body) = stored else {
