@@ -11,7 +11,7 @@
 use crate::app::{connect, migrate, Application};
 use crate::config::Settings;
 use crate::http::auth::{Claims, JwtKeys, Role};
-use crate::store::append::{AppendRequest, Appender, StreamAppend};
+use crate::store::append::{AppendMetrics, AppendRequest, Appender, StreamAppend};
 use anyhow::Context;
 use chrono::Utc;
 use clap::{Args, Subcommand};
@@ -200,7 +200,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
 
     let mut piped = Vec::new();
     for &w in &args.writers {
-        let f = pipeline(&pool, w, seconds).await?;
+        let (f, writer) = pipeline(&pool, w, seconds).await?;
         let base = naive
             .iter()
             .find(|(n, _)| *n == w)
@@ -216,6 +216,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
             100.0 * f.rate() / copy.rate(),
             100.0 * f.rate() / copy_shaped.rate()
         );
+        println!("    {}", writer.describe(f.elapsed));
         piped.push((w, f));
     }
     if args.http_clients > 0 {
@@ -377,7 +378,53 @@ async fn copy_rows(pool: &PgPool, rows: usize, into: CopyInto) -> anyhow::Result
     })
 }
 
-async fn pipeline(pool: &PgPool, writers: usize, duration: Duration) -> anyhow::Result<Figure> {
+/// Where the writer's time went during a pipeline run, per batch.
+struct WriterTime {
+    batches: u64,
+    events: u64,
+    batch: u64,
+    database: u64,
+    planning: u64,
+    gathering: u64,
+}
+
+impl WriterTime {
+    fn of(m: &AppendMetrics) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        WriterTime {
+            batches: m.batches.load(Relaxed),
+            events: m.events.load(Relaxed),
+            batch: m.batch_micros.load(Relaxed),
+            database: m.database_micros.load(Relaxed),
+            planning: m.planning_micros.load(Relaxed),
+            gathering: m.gathering_micros.load(Relaxed),
+        }
+    }
+
+    /// Per batch, in µs: its statements, planning, answering (the rest of the batch), the
+    /// gathering before it and the writer's idle time (queue empty).
+    fn describe(&self, elapsed: Duration) -> String {
+        let n = self.batches.max(1) as f64;
+        let per = |micros: u64| micros as f64 / n;
+        let idle = (elapsed.as_micros() as u64).saturating_sub(self.batch + self.gathering);
+        format!(
+            "writer: {:.1} events/batch; per batch (µs): database {:.0}, planning {:.0}, \
+             answering {:.0}, gathering {:.0}, idle {:.0}",
+            self.events as f64 / n,
+            per(self.database),
+            per(self.planning),
+            per(self.batch.saturating_sub(self.database + self.planning)),
+            per(self.gathering),
+            per(idle),
+        )
+    }
+}
+
+async fn pipeline(
+    pool: &PgPool,
+    writers: usize,
+    duration: Duration,
+) -> anyhow::Result<(Figure, WriterTime)> {
     let (appender, writer) = Appender::spawn(pool.clone());
     let payload = Arc::new(sample_payload());
     let run = Uuid::now_v7();
@@ -405,9 +452,10 @@ async fn pipeline(pool: &PgPool, writers: usize, duration: Duration) -> anyhow::
         }
     })
     .await;
+    let time = WriterTime::of(appender.metrics());
     drop(appender);
     let _ = writer.await;
-    figure
+    Ok((figure?, time))
 }
 
 /// An admin token for the benchmark's app, an HTTP client, and a venue registered through the API.

@@ -303,6 +303,24 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         &one(m.batch_micros.load(Relaxed) as f64 / 1e6),
     );
     metric(
+        "ledger_append_database_seconds_total",
+        "counter",
+        "Time the append writer spent in its statements (part of the batch time).",
+        &one(m.database_micros.load(Relaxed) as f64 / 1e6),
+    );
+    metric(
+        "ledger_append_planning_seconds_total",
+        "counter",
+        "Time the append writer spent planning batches: beliefs, positions, the hash chain (part of the batch time).",
+        &one(m.planning_micros.load(Relaxed) as f64 / 1e6),
+    );
+    metric(
+        "ledger_append_gathering_seconds_total",
+        "counter",
+        "Time the append writer waited for the previous batch's submitters before a batch.",
+        &one(m.gathering_micros.load(Relaxed) as f64 / 1e6),
+    );
+    metric(
         "ledger_log_head_position",
         "gauge",
         "Global position of the last committed event.",

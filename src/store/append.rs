@@ -26,6 +26,7 @@ use serde_json::Value;
 use sqlx::pool::PoolConnection;
 use sqlx::{PgConnection, PgPool, Postgres};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -211,13 +212,26 @@ pub struct Appender {
     metrics: Arc<AppendMetrics>,
 }
 
-/// Counters for `/metrics`: how the batching behaves under load.
+/// Counters for `/metrics` and the benchmark: how the batching behaves under load, and where
+/// the writer's time goes. A batch's time (`batch_micros`, from taking it to answering it) is
+/// its statements (`database_micros`), its planning (`planning_micros`: beliefs, positions,
+/// the hash chain, binding) and answering; `gathering_micros` is the time spent waiting for the
+/// previous batch's submitters before it (see `gather`).
 #[derive(Default, Debug)]
 pub struct AppendMetrics {
-    pub batches: std::sync::atomic::AtomicU64,
-    pub commands: std::sync::atomic::AtomicU64,
-    pub events: std::sync::atomic::AtomicU64,
-    pub batch_micros: std::sync::atomic::AtomicU64,
+    pub batches: AtomicU64,
+    pub commands: AtomicU64,
+    pub events: AtomicU64,
+    pub batch_micros: AtomicU64,
+    pub database_micros: AtomicU64,
+    pub planning_micros: AtomicU64,
+    pub gathering_micros: AtomicU64,
+}
+
+impl AppendMetrics {
+    fn add(counter: &AtomicU64, since: std::time::Instant) {
+        counter.fetch_add(since.elapsed().as_micros() as u64, Relaxed);
+    }
 }
 
 impl Appender {
@@ -255,7 +269,6 @@ impl Appender {
 }
 
 async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<AppendMetrics>) {
-    use std::sync::atomic::Ordering::Relaxed;
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
     // One connection for the writer's whole life: its backend keeps the prepared statements and
     // the plan of `append_batch` warm. A pool would rotate through cold backends.
@@ -263,7 +276,9 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
     let mut known = Knowledge::default();
     let mut previous = 0;
     while rx.recv_many(&mut batch, MAX_BATCH_COMMANDS).await > 0 {
+        let gathering = std::time::Instant::now();
         gather(&mut rx, &mut batch, previous).await;
+        AppendMetrics::add(&metrics.gathering_micros, gathering);
         previous = batch.len();
         let started = std::time::Instant::now();
         let jobs = std::mem::take(&mut batch);
@@ -275,7 +290,7 @@ async fn run_writer(pool: PgPool, mut rx: mpsc::Receiver<Job>, metrics: Arc<Appe
         metrics.batches.fetch_add(1, Relaxed);
         metrics.commands.fetch_add(jobs.len() as u64, Relaxed);
         metrics.events.fetch_add(events as u64, Relaxed);
-        if let Some(e) = write_jobs(&pool, &mut conn, &mut known, jobs).await {
+        if let Some(e) = write_jobs(&pool, &mut conn, &mut known, &metrics, jobs).await {
             // The database is unreachable: what queued while the writer waited for a connection
             // would wait as long again. It is answered now (503), and its clients retry.
             while let Ok(job) = rx.try_recv() {
@@ -335,6 +350,7 @@ async fn attempt(
     pool: &PgPool,
     conn: &mut WriterConnection,
     known: &mut Knowledge,
+    metrics: &AppendMetrics,
     requests: &[&AppendRequest],
     prepared: &[&Prepared],
 ) -> Result<Verdicts, Failed> {
@@ -345,7 +361,17 @@ async fn attempt(
             return Err(Failed::Connect(e));
         }
     };
-    let written = write_batch(c, known, requests, prepared).await;
+    // Everything of the batch but its statements is planning (one writer per metrics: exact).
+    let (started, database_before) = (
+        std::time::Instant::now(),
+        metrics.database_micros.load(Relaxed),
+    );
+    let written = write_batch(c, known, metrics, requests, prepared).await;
+    let database = metrics.database_micros.load(Relaxed) - database_before;
+    metrics.planning_micros.fetch_add(
+        (started.elapsed().as_micros() as u64).saturating_sub(database),
+        Relaxed,
+    );
     conn.used = Some(std::time::Instant::now());
     match written {
         Ok(verdicts) => Ok(verdicts),
@@ -365,18 +391,19 @@ async fn write_jobs(
     pool: &PgPool,
     conn: &mut WriterConnection,
     known: &mut Knowledge,
+    metrics: &AppendMetrics,
     jobs: Vec<Job>,
 ) -> Option<Arc<sqlx::Error>> {
     let requests: Vec<&AppendRequest> = jobs.iter().map(|j| &j.submitted.request).collect();
     let prepared: Vec<&Prepared> = jobs.iter().map(|j| &j.submitted.prepared).collect();
-    let mut result = attempt(pool, conn, known, &requests, &prepared).await;
+    let mut result = attempt(pool, conn, known, metrics, &requests, &prepared).await;
     // A server that restarted closed the writer's idle connection: the next statement is answered
     // with that error response (57P01 and the like), so it certainly was not applied. One more try
     // on a fresh connection makes a restart invisible to the commands that come after it.
     if let Err(Failed::Write(e @ sqlx::Error::Database(_))) = &result {
         if is_unavailable(e) {
             tracing::debug!(error = %e, "the writer's connection was closed; retrying on a new one");
-            result = attempt(pool, conn, known, &requests, &prepared).await;
+            result = attempt(pool, conn, known, metrics, &requests, &prepared).await;
         }
     }
     match result {
@@ -396,7 +423,7 @@ async fn write_jobs(
                     Some(e) => Err(AppendError::Database(e.clone())),
                     None => {
                         let Submitted { request, prepared } = &*job.submitted;
-                        match attempt(pool, conn, known, &[request], &[prepared]).await {
+                        match attempt(pool, conn, known, metrics, &[request], &[prepared]).await {
                             Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
                             Err(Failed::Connect(e) | Failed::Write(e)) => {
                                 let e = Arc::new(e);
@@ -588,6 +615,7 @@ impl Knowledge {
 async fn write_batch(
     conn: &mut PgConnection,
     known: &mut Knowledge,
+    metrics: &AppendMetrics,
     requests: &[&AppendRequest],
     prepared: &[&Prepared],
 ) -> Result<Verdicts, sqlx::Error> {
@@ -621,7 +649,9 @@ async fn write_batch(
     loop {
         rounds += 1;
         if need_read {
+            let reading = std::time::Instant::now();
             let snapshot = read_snapshot(conn, requests).await?;
+            AppendMetrics::add(&metrics.database_micros, reading);
             known.head = Some((
                 snapshot.head_position,
                 snapshot.head_hash,
@@ -745,7 +775,9 @@ async fn write_batch(
             .map(|(s, v)| (s.as_str(), *v))
             .unzip();
         let planned_micros = t0.elapsed().as_micros() as u64;
-        let (outcome, refused): (String, Vec<i32>) = sqlx::query_as(
+        let calling = std::time::Instant::now();
+        // Binding (encoding the arrays) happens inside the call and counts as the database's.
+        let called: Result<(String, Vec<i32>), sqlx::Error> = sqlx::query_as(
             "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
              $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18::text[]::jsonb[], \
              $19::text[]::jsonb[], $20, $21, $22, $23, \
@@ -782,7 +814,9 @@ async fn write_batch(
         .bind(&rows.sealed_subjects)
         .fetch_one(&mut *conn)
         .await
-        .or_else(refusal_as_outcome)?;
+        .or_else(refusal_as_outcome);
+        AppendMetrics::add(&metrics.database_micros, calling);
+        let (outcome, refused) = called?;
         tracing::trace!(
             rounds,
             read_done,

@@ -196,3 +196,38 @@ async fn the_relay_position_is_read_from_the_configured_stream() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The append writer's time is reported whole and in parts: its statements and its planning
+/// are each part of the batch time, and every booking shows up as a command and its events.
+#[tokio::test]
+async fn the_append_writer_reports_where_its_time_goes() {
+    let app = spawn_app().await;
+    let (venue, table, _) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    for hour in [8, 10, 12] {
+        let b = app
+            .post(
+                "/v1/bookings",
+                &staff,
+                booking_body(venue, table, hour, hour + 2, &unique_email()),
+            )
+            .await;
+        assert_eq!(b.status, 201, "{b:?}");
+    }
+    let text = metrics(&app).await;
+    let value = |name: &str| sample(&text, name).unwrap_or_else(|| panic!("{name} in {text}"));
+    let (batches, commands, events) = (
+        value("ledger_append_batches_total"),
+        value("ledger_append_commands_total"),
+        value("ledger_append_events_total"),
+    );
+    // The venue, its resource and the three bookings at least; one batch per command at most.
+    assert!(commands >= 5.0 && events >= commands, "{text}");
+    assert!(batches >= 1.0 && batches <= commands, "{text}");
+    let batch = value("ledger_append_batch_seconds_total");
+    let database = value("ledger_append_database_seconds_total");
+    let planning = value("ledger_append_planning_seconds_total");
+    assert!(database > 0.0 && planning > 0.0, "{text}");
+    assert!(database + planning <= batch + 1e-6, "{text}");
+    assert!(value("ledger_append_gathering_seconds_total") >= 0.0);
+}
