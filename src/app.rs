@@ -20,10 +20,27 @@ pub struct Application {
     writer: tokio::task::JoinHandle<()>,
 }
 
+/// A pool for the command-line tools: they wait up to 10 s for a connection.
 pub async fn connect(database_url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    connect_waiting(
+        database_url,
+        max_connections,
+        std::time::Duration::from_secs(10),
+    )
+    .await
+}
+
+/// A pool whose callers wait at most `wait` for a connection (every one busy, or Postgres
+/// unreachable) and then get an error: the service answers 503 then (`LEDGER_DATABASE_WAIT_SECONDS`)
+/// rather than holding its clients for longer.
+pub async fn connect_waiting(
+    database_url: &str,
+    max_connections: u32,
+    wait: std::time::Duration,
+) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(wait)
         .connect(database_url)
         .await
         .context("connecting to Postgres (DATABASE_URL)")
@@ -56,7 +73,7 @@ pub async fn connect_nats(
 
 impl Application {
     pub async fn build(settings: &Settings) -> anyhow::Result<Self> {
-        let pool = connect(&settings.database_url, 32).await?;
+        let pool = connect_waiting(&settings.database_url, 32, settings.database_wait).await?;
         let nats = match async_nats::connect(&settings.nats_url).await {
             Ok(client) => Some(client),
             Err(e) => {

@@ -497,6 +497,7 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
         webhook_secret: b"bench".to_vec(),
         backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
         idempotency_retention: Default::default(),
+        database_wait: std::time::Duration::from_secs(3),
     };
     // Its own pool: shutting the app down closes the pool it was given.
     let pool = connect(url, 16).await?;
@@ -732,6 +733,7 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
         webhook_secret: b"bench".to_vec(),
         backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
         idempotency_retention: Default::default(),
+        database_wait: std::time::Duration::from_secs(3),
     };
     let app_pool = connect(&url, 16).await?;
     let app = Application::with_parts(app_pool, Some(nats.clone()), &settings).await?;

@@ -148,6 +148,14 @@ pub struct ServeConfig {
         default_value = "48"
     )]
     pub idempotency_retention_hours: String,
+    /// Seconds a request waits for a database connection (every connection busy, or Postgres
+    /// unreachable) before it is answered 503 `service-unavailable` (1 to 60).
+    #[arg(
+        long = "database-wait-seconds",
+        env = "LEDGER_DATABASE_WAIT_SECONDS",
+        default_value = "3"
+    )]
+    pub database_wait_seconds: String,
 }
 
 /// The longest backup retention an erasure certificate may state: ten years.
@@ -184,6 +192,21 @@ pub fn idempotency_retention_hours(raw: &str) -> Result<u32, ConfigError> {
         })
 }
 
+/// `LEDGER_DATABASE_WAIT_SECONDS`: whole seconds, 1 to 60.
+pub fn database_wait(raw: &str) -> Result<std::time::Duration, ConfigError> {
+    raw.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|s| (1..=60).contains(s))
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| ConfigError {
+            variable: "LEDGER_DATABASE_WAIT_SECONDS",
+            problem: "must be a whole number of seconds from 1 to 60 (how long a request waits \
+                      for a database connection before it is answered 503)"
+                .into(),
+        })
+}
+
 /// Everything `serve` needs, validated.
 pub struct Settings {
     pub database_url: String,
@@ -198,6 +221,8 @@ pub struct Settings {
     pub backup_retention_days: u32,
     /// How long idempotency records are kept, and how often each API process purges them.
     pub idempotency_retention: Retention,
+    /// How long a request waits for a database connection before it is answered 503.
+    pub database_wait: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -248,6 +273,7 @@ impl ServeConfig {
                 hours: idempotency_retention_hours(&self.idempotency_retention_hours)?,
                 ..Retention::default()
             },
+            database_wait: database_wait(&self.database_wait_seconds)?,
         })
     }
 }
@@ -265,6 +291,20 @@ mod tests {
             assert_eq!(
                 backup_retention_days(bad).err().map(|e| e.variable),
                 Some("LEDGER_BACKUP_RETENTION_DAYS"),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_database_wait_is_whole_seconds_from_one_to_sixty() {
+        use std::time::Duration;
+        assert_eq!(database_wait("3").ok(), Some(Duration::from_secs(3)));
+        assert_eq!(database_wait(" 60 ").ok(), Some(Duration::from_secs(60)));
+        for bad in ["0", "61", "-1", "", "3s", "1.5", "soon"] {
+            assert_eq!(
+                database_wait(bad).err().map(|e| e.variable),
+                Some("LEDGER_DATABASE_WAIT_SECONDS"),
                 "{bad:?}"
             );
         }

@@ -189,7 +189,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = CancellationToken::new();
             ledger::app::shutdown_on_signals(shutdown.clone());
             let relay = if only.is_none() || only == Some(Part::Relay) {
-                let pool = ledger::app::connect(&settings.database_url, 4).await?;
+                let pool =
+                    ledger::app::connect_waiting(&settings.database_url, 4, settings.database_wait)
+                        .await?;
                 let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
                 let config = ledger::relay::RelayConfig {
                     stream: settings.nats_stream.clone(),
@@ -204,7 +206,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // One worker per read model, each on its own durable consumer and checkpoint.
             let mut projectors = Vec::new();
             if only.is_none() || only == Some(Part::Projector) {
-                let pool = ledger::app::connect(&settings.database_url, 4).await?;
+                let pool =
+                    ledger::app::connect_waiting(&settings.database_url, 4, settings.database_wait)
+                        .await?;
                 let nats = ledger::app::connect_nats(&settings.nats_url, &shutdown).await?;
                 for &name in ledger_projections::PROJECTIONS {
                     let worker = ledger_projections::worker::Worker::new(

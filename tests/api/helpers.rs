@@ -102,7 +102,7 @@ impl TestApp {
     /// [`Self::second_api`] with its settings adjusted by `adjust`.
     #[allow(dead_code)]
     pub async fn second_api_with(&self, adjust: impl FnOnce(&mut Settings)) -> String {
-        let pool = ledger::app::connect(&self.database_url, 8)
+        let pool = ledger::app::connect_waiting(&self.database_url, 8, DATABASE_WAIT)
             .await
             .unwrap_or_else(|e| panic!("{e:#}"));
         let mut settings = Settings {
@@ -116,6 +116,7 @@ impl TestApp {
             webhook_secret: self.webhook_secret.clone(),
             backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
             idempotency_retention: Default::default(),
+            database_wait: DATABASE_WAIT,
         };
         adjust(&mut settings);
         let app = Application::with_parts(pool, None, &settings)
@@ -174,6 +175,9 @@ pub struct Spawn {
     pub idempotency_retention: Option<ledger::store::purge::Retention>,
 }
 
+/// The apps' `LEDGER_DATABASE_WAIT_SECONDS`: the default.
+pub const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// `url` with its host and port replaced by 127.0.0.1:`port`.
 fn via_port(url: &str, port: u16) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
@@ -209,15 +213,17 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
     ledger::app::migrate(&pool)
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let (test_pool, pool) = match spawn.app_port {
-        Some(port) => {
-            let app_pool = ledger::app::connect(&via_port(&database_url, port), 16)
-                .await
-                .unwrap_or_else(|e| panic!("{e:#}"));
-            (pool, app_pool)
-        }
-        None => (pool.clone(), pool),
+    // The app's own pool, as `serve` makes it: a request waits `DATABASE_WAIT` for a connection.
+    let app_url = match spawn.app_port {
+        Some(port) => via_port(&database_url, port),
+        None => database_url.clone(),
     };
+    let (test_pool, pool) = (
+        pool,
+        ledger::app::connect_waiting(&app_url, 16, DATABASE_WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}")),
+    );
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let webhook_secret: Vec<u8> = (0..32).map(|_| rand::random::<u8>()).collect();
     let master_key = MasterKey::generate().to_base64();
@@ -239,6 +245,7 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
         webhook_secret: webhook_secret.clone(),
         backup_retention_days: ledger::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
         idempotency_retention: spawn.idempotency_retention.unwrap_or_default(),
+        database_wait: DATABASE_WAIT,
     };
     let nats_url = std::env::var("NATS_URL")
         .unwrap_or_else(|_| panic!("NATS_URL is not set: run the tests with ./dev.sh test"));

@@ -21,9 +21,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-/// The longest any answer may take while Postgres is away: the pool's acquire timeout (10 s) for
-/// the step that finds the database gone, plus slack for a loaded machine.
+/// The longest any answer may take while Postgres is away, as a guard against hanging: the
+/// pool's wait for a connection (`LEDGER_DATABASE_WAIT_SECONDS`, 3 s in tests) for the step
+/// that finds the database gone, several times over for a loaded machine. `probe_while_down`
+/// holds a command and a query to a tighter bound.
 const ANSWER_BOUND: Duration = Duration::from_secs(25);
+
+/// How soon a command or a query is answered 503 while Postgres is down: the 3 s wait for a
+/// connection and slack for a loaded machine (it was the pool's fixed 10 s before the wait was
+/// made a setting).
+const DOWN_ANSWER_BOUND: Duration = Duration::from_secs(8);
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -860,6 +867,11 @@ async fn probe_while_down(app: &TestApp, (venue, table, _): (Uuid, Uuid, Uuid)) 
         a.assert_problem(503, "service-unavailable");
         assert!(a.header("retry-after").is_some(), "Retry-After: {a:?}");
     }
+    assert!(
+        started.elapsed() < DOWN_ANSWER_BOUND,
+        "a command and a query took {:?} to be answered while Postgres was down",
+        started.elapsed()
+    );
     assert_eq!(ready.status, 503, "{ready:?}");
     assert_eq!(ready.body["checks"]["postgres"], false, "{ready:?}");
     assert!(
