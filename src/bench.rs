@@ -220,7 +220,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         piped.push((w, f));
     }
     if args.http_clients > 0 {
-        let f = http_bookings(&url, args.http_clients, seconds).await?;
+        let (f, writer) = http_bookings(&url, args.http_clients, seconds).await?;
         let base = piped.last().map(|(_, f)| f.rate()).unwrap_or(f64::NAN);
         let naive_base = naive.last().map(|(_, f)| f.rate()).unwrap_or(f64::NAN);
         println!(
@@ -235,6 +235,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
             100.0 * f.rate() / base,
             piped.last().map(|(w, _)| *w).unwrap_or(0),
         );
+        println!("    {}", writer.describe(f.elapsed));
     }
     let m = &pool;
     let (batches, events): (i64, i64) =
@@ -484,7 +485,11 @@ async fn bench_venue(
     Ok((token, client, venue_id))
 }
 
-async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow::Result<Figure> {
+async fn http_bookings(
+    url: &str,
+    clients: usize,
+    duration: Duration,
+) -> anyhow::Result<(Figure, WriterTime)> {
     let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
     let settings = Settings {
         database_url: url.to_owned(),
@@ -499,10 +504,11 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
         idempotency_retention: Default::default(),
         database_wait: std::time::Duration::from_secs(3),
     };
-    // Its own pool: shutting the app down closes the pool it was given.
-    let pool = connect(url, 16).await?;
+    // Its own pool, sized and waiting as `serve`'s: shutting the app down closes it.
+    let pool = crate::app::connect_waiting(url, 32, settings.database_wait).await?;
     let app = Application::with_parts(pool, None, &settings).await?;
     let base = format!("http://{}", app.local_addr()?);
+    let appender = app.state().appender.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
     let (token, client, venue_id) = bench_venue(&base, &jwt_secret).await?;
@@ -546,9 +552,11 @@ async fn http_bookings(url: &str, clients: usize, duration: Duration) -> anyhow:
         }
     })
     .await;
+    let time = WriterTime::of(appender.metrics());
+    drop(appender);
     shutdown.cancel();
     let _ = server.await;
-    figure
+    Ok((figure?, time))
 }
 
 /// A scratch database for one benchmark run: created, migrated, and its URL.
