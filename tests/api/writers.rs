@@ -116,10 +116,7 @@ async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
     }
     assert_eq!((keyed_appended, keyed_replayed), (8, 8));
     appended_positions.sort_unstable();
-    let head: i64 = sqlx::query_scalar("SELECT position FROM log_head")
-        .fetch_one(&app.pool)
-        .await
-        .expect("query");
+    let head = crate::faults::head(&app).await;
     let before = head - appended_positions.len() as i64;
     let expected: Vec<i64> = (before + 1..=head).collect();
     assert_eq!(appended_positions, expected, "every position once, no gap");
@@ -155,10 +152,7 @@ async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
     b.append(request(&y, ExpectedVersion::NoStream, 1))
         .await
         .expect("append");
-    let head_before: i64 = sqlx::query_scalar("SELECT position FROM log_head")
-        .fetch_one(&app.pool)
-        .await
-        .expect("query");
+    let head_before = crate::faults::head(&app).await;
     let refused = b.append(request(&x, ExpectedVersion::Exact(1), 1)).await;
     match refused {
         Err(AppendError::VersionConflict {
@@ -166,10 +160,7 @@ async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
         }) => assert_eq!((stream_id.as_str(), actual), (x.as_str(), 2)),
         other => panic!("expected a version conflict, got {other:?}"),
     }
-    let head_after: i64 = sqlx::query_scalar("SELECT position FROM log_head")
-        .fetch_one(&app.pool)
-        .await
-        .expect("query");
+    let head_after = crate::faults::head(&app).await;
     assert_eq!(head_after, head_before, "nothing appended");
     assert_eq!(stream_versions(&app, &x).await, vec![1, 2]);
     // And the writer goes on with what it read.
