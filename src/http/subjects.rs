@@ -13,6 +13,7 @@
 use super::auth::{Auth, Role};
 use super::command::parse_json;
 use super::problem::ApiError;
+use super::queries::QueryError;
 use super::{parse_id, AppState};
 use crate::store::append::{AppendError, AppendOutcome, AppendRequest, StreamAppend};
 use crate::store::vault::{SubjectKey, VaultError};
@@ -80,7 +81,7 @@ pub async fn export(
     State(app): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, QueryError> {
     let subject = SubjectId(parse_id(&id, "subject")?);
     let allowed = match auth.role {
         Role::Admin => auth.venues.is_none(),
@@ -92,13 +93,35 @@ pub async fn export(
             ApiError::not_found("subject")
         } else {
             ApiError::forbidden("only an admin or the subject may export")
-        });
+        }
+        .into());
     }
-    if app.vault.key_row(subject).await?.is_none() {
-        return Err(ApiError::not_found("subject"));
+    if app
+        .vault
+        .key_row(subject)
+        .await
+        .map_err(ApiError::from)?
+        .is_none()
+    {
+        return Err(ApiError::not_found("subject").into());
     }
-    let head = ledger_replay::head_position(&app.pool).await?;
+    let head = ledger_replay::head_position(&app.pool)
+        .await
+        .map_err(ApiError::from)?;
+    // A lagging read model answers `projection-lagging` with how far it got; any later failure
+    // carries the position the export was taken at.
     let position = app.read_position.reach(Some(head)).await?;
+    export_at(&app, subject, position)
+        .await
+        .map_err(QueryError::at(position))
+}
+
+/// The export of `subject` with the booking board at `position`.
+async fn export_at(
+    app: &AppState,
+    subject: SubjectId,
+    position: i64,
+) -> Result<Response, ApiError> {
     // `None` once erased: every personal field is then null.
     let key = match app.vault.key(subject).await {
         Ok(key) => Some(key),
@@ -130,7 +153,7 @@ pub async fn export(
             let payment_ids = payments.iter().map(|p| PaymentId(p.payment_id));
             bookings.push(
                 export_booking(
-                    &app,
+                    app,
                     &opener,
                     BookingId(row.booking_id),
                     payment_ids,

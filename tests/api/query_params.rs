@@ -287,3 +287,33 @@ async fn errors_found_at_the_read_model_carry_the_position_it_includes() {
     bad.assert_problem(400, "validation");
     assert_eq!(bad.header("x-ledger-position"), None);
 }
+
+/// An export waits for the booking board to reach the log head; when it cannot (no projection
+/// worker runs here), the answer is `projection-lagging` saying, in `X-Ledger-Position`, how far
+/// the board got — as the query endpoints do.
+#[tokio::test]
+async fn an_export_the_board_cannot_catch_up_with_says_how_far_it_got() {
+    let app = spawn_with(Spawn::default()).await;
+    let (venue, table, _) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let b = app.book(&staff, venue, table, 18, 20).await;
+    assert_eq!(b.status, 201, "{b:?}");
+    let subject = b.body["subject_id"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no subject: {b:?}"));
+    let export = get(
+        &app,
+        &format!("/v1/subjects/{subject}/export"),
+        &app.token(Role::Admin),
+    )
+    .await;
+    export.assert_problem(503, "projection-lagging");
+    assert_eq!(export.header("retry-after"), Some("1"), "{export:?}");
+    let includes: i64 = export
+        .header("x-ledger-position")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no X-Ledger-Position: {export:?}"));
+    let head = b.body["position"].as_i64().unwrap_or(-1);
+    assert!((0..head).contains(&includes), "{includes} of {head}");
+}
