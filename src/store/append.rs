@@ -485,7 +485,7 @@ async fn writer_connection<'c>(
     use sqlx::Connection;
     let idle = conn.used.is_none_or(|t| t.elapsed() >= IDLE_CHECK);
     if let (true, Some(c)) = (idle, conn.conn.as_mut()) {
-        if let Err(e) = c.ping().await {
+        if let Err(e) = answered(c.ping()).await {
             tracing::debug!(error = %e, "the writer's idle connection is gone; opening another");
             conn.discard();
         }
@@ -497,6 +497,27 @@ async fn writer_connection<'c>(
         Some(c) => Ok(&mut **c),
         None => Err(sqlx::Error::PoolClosed),
     }
+}
+
+/// How long the writer waits for Postgres to answer one of its statements. They take
+/// milliseconds; one unanswered this long went into a network that drops packets without a reset,
+/// where the socket would wait for TCP's own retransmission timeout (~15 minutes) and every append
+/// of the process with it. The batch's outcome is then unknown: it is answered 503 like a cut
+/// connection, and a retry under the same `Idempotency-Key` answers what committed.
+const STATEMENT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `statement`, or a timed-out I/O error (unavailable: 503) after [`STATEMENT_WAIT`].
+async fn answered<T>(
+    statement: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(STATEMENT_WAIT, statement)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "Postgres did not answer the append writer in time",
+            )))
+        })
 }
 
 /// Whether an error means the database is unreachable or going away (a restart, a failover, a
@@ -557,7 +578,7 @@ async fn read_snapshot(
         .iter()
         .filter_map(|r| r.idempotency.as_ref().map(|c| c.key_hash.as_slice()))
         .collect();
-    let row: SnapshotRow = sqlx::query_as(
+    let row = sqlx::query_as::<_, SnapshotRow>(
         "WITH v AS (SELECT stream_id, max(stream_version) AS version FROM events \
                      WHERE stream_id = ANY($1) GROUP BY stream_id), \
               k AS (SELECT key_hash, request_hmac, status, response FROM idempotency_keys \
@@ -573,8 +594,8 @@ async fn read_snapshot(
     )
     .bind(&stream_ids)
     .bind(&key_hashes)
-    .fetch_one(&mut *conn)
-    .await?;
+    .fetch_one(&mut *conn);
+    let row: SnapshotRow = answered(row).await?;
     let (position, hash, time, streams, versions, keys, hmacs, statuses, responses) = row;
     let mut stored_keys = HashMap::new();
     for (((key, hmac), status), body) in keys.into_iter().zip(hmacs).zip(statuses).zip(responses) {
@@ -777,7 +798,7 @@ async fn write_batch(
         let planned_micros = t0.elapsed().as_micros() as u64;
         let calling = std::time::Instant::now();
         // Binding (encoding the arrays) happens inside the call and counts as the database's.
-        let called: Result<(String, Vec<i32>), sqlx::Error> = sqlx::query_as(
+        let called = sqlx::query_as::<_, (String, Vec<i32>)>(
             "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
              $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18::text[]::jsonb[], \
              $19::text[]::jsonb[], $20, $21, $22, $23, \
@@ -812,9 +833,8 @@ async fn write_batch(
         .bind(&idem.positions)
         .bind(&rows.sealed_rows)
         .bind(&rows.sealed_subjects)
-        .fetch_one(&mut *conn)
-        .await
-        .or_else(refusal_as_outcome);
+        .fetch_one(&mut *conn);
+        let called = answered(called).await.or_else(refusal_as_outcome);
         AppendMetrics::add(&metrics.database_micros, calling);
         let (outcome, refused) = called?;
         tracing::trace!(

@@ -1023,6 +1023,7 @@ async fn a_postgres_crash_answers_clean_503s_while_down_and_the_ledger_recovers_
 struct Proxy {
     port: u16,
     state: Arc<Mutex<CancellationToken>>,
+    frozen: Arc<Mutex<CancellationToken>>,
     partitioned: Arc<AtomicBool>,
     stop: CancellationToken,
 }
@@ -1036,11 +1037,13 @@ impl Proxy {
         let proxy = Proxy {
             port,
             state: Arc::new(Mutex::new(CancellationToken::new())),
+            frozen: Arc::new(Mutex::new(CancellationToken::new())),
             partitioned: Arc::new(AtomicBool::new(false)),
             stop: CancellationToken::new(),
         };
-        let (state, partitioned, stop) = (
+        let (state, frozen, partitioned, stop) = (
             proxy.state.clone(),
+            proxy.frozen.clone(),
             proxy.partitioned.clone(),
             proxy.stop.clone(),
         );
@@ -1058,12 +1061,19 @@ impl Proxy {
                     continue;
                 }
                 let cut = state.lock().map(|t| t.clone()).unwrap_or_default();
+                let freeze = frozen.lock().map(|t| t.clone()).unwrap_or_default();
+                let stop = stop.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
                         return;
                     };
                     tokio::select! {
                         _ = cut.cancelled() => {}
+                        _ = freeze.cancelled() => {
+                            // Silence: nothing is forwarded any more, yet both sockets stay open,
+                            // as when a network drops packets without a reset.
+                            stop.cancelled().await;
+                        }
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     }
                 });
@@ -1074,6 +1084,14 @@ impl Proxy {
 
     fn cut(&self) {
         if let Ok(mut t) = self.state.lock() {
+            t.cancel();
+            *t = CancellationToken::new();
+        }
+    }
+
+    /// The connections open now go silent (no reset); new ones are forwarded.
+    fn freeze(&self) {
+        if let Ok(mut t) = self.frozen.lock() {
             t.cancel();
             *t = CancellationToken::new();
         }
@@ -1330,4 +1348,102 @@ async fn an_api_cut_off_from_postgres_while_a_subject_is_erased_elsewhere_drops_
     let again = app.book(&staff, venue, table, 20, 22).await;
     assert_eq!(again.status, 201, "{again:?}");
     drop(proxy);
+}
+
+/// The network goes silent (no reset) while the writer waits for its commit: the server
+/// commits, the answer never arrives. The writer gives up after its statement wait (10 s) and
+/// answers a clean 503 instead of holding every append of the process until TCP gives up (~15
+/// minutes); the retry under the same key answers the booking that committed, and the writer
+/// goes on on a new connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_whose_answer_is_silently_dropped_answers_503_and_its_retry_what_committed() {
+    let proxy = Proxy::start(upstream_port()).await;
+    let app = spawn_with(Spawn {
+        app_port: Some(proxy.port),
+        ..Spawn::default()
+    })
+    .await;
+    let (venue, table, room) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    // Every commit that records an idempotency key sleeps 2 s first: the network goes silent
+    // while one is under way.
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON idempotency_keys \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_slow_commit();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let body = booking_body(venue, table, 18, 20, &unique_email());
+    let key = [("idempotency-key", "silent-mid-commit")];
+    let first = {
+        let (app_base, client, token, body) = (
+            app.base.clone(),
+            app.client.clone(),
+            staff.0.clone(),
+            body.clone(),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = client
+                .post(format!("{app_base}/v1/bookings"))
+                .bearer_auth(token)
+                .header("idempotency-key", "silent-mid-commit")
+                .json(&body)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let status = r.status().as_u16();
+            let headers = r.headers().clone();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (
+                Answer {
+                    status,
+                    headers,
+                    body,
+                },
+                started.elapsed(),
+            )
+        })
+    };
+    wait_for("the commit under way", Duration::from_secs(20), || async {
+        sleeping_backend(&app).await.is_some()
+    })
+    .await;
+    proxy.freeze();
+    let (answered, took) = tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .unwrap_or_else(|_| panic!("the command hung after the network went silent"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("pg_restart: a command whose answer was dropped was answered in {took:?}");
+    answered.assert_problem(503, "service-unavailable");
+    assert!(answered.header("retry-after").is_some(), "{answered:?}");
+    assert!(took < Duration::from_secs(20), "answered after {took:?}");
+    wait_for("the commit to finish", Duration::from_secs(20), || async {
+        sleeping_backend(&app).await.is_none()
+    })
+    .await;
+    let committed: Vec<(String,)> =
+        sqlx::query_as("SELECT stream_id FROM events WHERE event_type = 'BookingRequested'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap_or_default();
+    assert_eq!(
+        committed.len(),
+        1,
+        "the booking committed though its answer was lost"
+    );
+    let retry = app.post_with("/v1/bookings", &staff, body, &key).await;
+    assert_eq!(retry.status, 201, "{retry:?}");
+    assert_eq!(
+        retry.body["stream"].as_str(),
+        Some(committed[0].0.as_str()),
+        "the retry answers the booking that committed: {retry:?}"
+    );
+    // The writer goes on, on a new connection.
+    let next = app.book(&staff, venue, room, 18, 20).await;
+    assert_eq!(next.status, 201, "{next:?}");
+    verify_passes(&app).await;
 }
