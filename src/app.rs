@@ -122,6 +122,7 @@ impl Application {
             jwt: http::auth::JwtKeys::new(&settings.jwt_secret),
             webhook_secret: Arc::new(settings.webhook_secret.clone()),
             nats,
+            venues: Default::default(),
         };
         Ok(Application {
             listener,

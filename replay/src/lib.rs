@@ -75,6 +75,23 @@ pub async fn read_stream<'e>(
     Ok(rows.into_iter().map(Into::into).collect())
 }
 
+/// The events of one stream after version `after`, in stream order.
+pub async fn read_stream_after<'e>(
+    db: impl PgExecutor<'e>,
+    stream_id: &str,
+    after: i64,
+) -> Result<Vec<RecordedEvent>, ReadError> {
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM events WHERE stream_id = $1 AND stream_version > $2 \
+         ORDER BY stream_version"
+    ))
+    .bind(stream_id)
+    .bind(after)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(Into::into).collect())
+}
+
 /// Up to `limit` events after global position `after`, in global order.
 pub async fn read_all<'e>(
     db: impl PgExecutor<'e>,

@@ -57,6 +57,8 @@ pub struct AppState {
     /// What `/metrics` reports besides the pipeline: the configured stream, HTTP requests, the
     /// idempotency purge.
     pub ops: ops::Ops,
+    /// Venues folded before: every booking command decides on its venue.
+    pub venues: Arc<crate::store::StreamCache<Venue>>,
 }
 
 /// Parses a path id; a malformed one cannot name anything, so it is a 404 like an unknown one.
@@ -66,7 +68,8 @@ pub fn parse_id(raw: &str, what: &'static str) -> Result<Uuid, ApiError> {
 
 impl AppState {
     pub async fn load_venue(&self, id: VenueId) -> Result<(Option<Venue>, i64), ApiError> {
-        crate::store::load::<VenueEvent, Venue>(&self.pool, &venue_stream(id), venue::evolve)
+        self.venues
+            .load::<VenueEvent>(&self.pool, &venue_stream(id), venue::evolve)
             .await
             .map_err(ApiError::Unexpected)
     }

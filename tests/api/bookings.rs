@@ -107,3 +107,55 @@ async fn reschedule_into_a_taken_slot_is_refused_and_moves_nothing() {
     assert_eq!(app.book(&staff, venue, table, 18, 20).await.status, 201);
     assert_eq!(app.book(&staff, venue, table, 11, 12).await.status, 409);
 }
+
+/// A process keeps the venues it folded, and reads only what was appended since: a resource
+/// added through another API process is there for this one's next booking, and a capacity it
+/// has not seen is not assumed.
+#[tokio::test]
+async fn a_venue_changed_through_another_process_is_decided_on_as_it_is_now() {
+    let app = spawn_app().await;
+    let (venue, table, _) = app.venue().await;
+    let staff = app.token(Role::Staff);
+    let admin = app.token(Role::Admin);
+    // This process folds the venue (and keeps it).
+    let first = app.book(&staff, venue, table, 18, 20).await;
+    assert_eq!(first.status, 201, "{first:?}");
+    // Another process adds a resource.
+    let elsewhere = app.second_api().await;
+    let added = app
+        .send(
+            app.client
+                .post(format!("{elsewhere}/v1/venues/{venue}/resources"))
+                .bearer_auth(&admin.0)
+                .json(&json!({"name": "Booth", "capacity": 2})),
+        )
+        .await;
+    assert_eq!(added.status, 201, "{added:?}");
+    let booth: uuid::Uuid = added.body["id"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no id: {added:?}"));
+    // This process books it, within its capacity and not beyond.
+    let fits = app
+        .post(
+            "/v1/bookings",
+            &staff,
+            json!({"venue_id": venue, "resource_id": booth,
+                   "starts_at": "2030-06-01T18:00:00Z", "ends_at": "2030-06-01T19:00:00Z",
+                   "party_size": 2,
+                   "customer": {"name": "Grace", "email": unique_email()}}),
+        )
+        .await;
+    assert_eq!(fits.status, 201, "{fits:?}");
+    let too_many = app
+        .post(
+            "/v1/bookings",
+            &staff,
+            json!({"venue_id": venue, "resource_id": booth,
+                   "starts_at": "2030-06-02T18:00:00Z", "ends_at": "2030-06-02T19:00:00Z",
+                   "party_size": 3,
+                   "customer": {"name": "Grace", "email": unique_email()}}),
+        )
+        .await;
+    assert_eq!(too_many.status, 422, "{too_many:?}");
+}
