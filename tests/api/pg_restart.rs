@@ -1137,6 +1137,20 @@ async fn sleeping_backend(app: &TestApp) -> Option<i32> {
     .flatten()
 }
 
+/// From now on every commit that records an idempotency key sleeps 2 s first, so a test can act
+/// while a commit is under way (see [`sleeping_backend`]).
+async fn slow_commits(app: &TestApp) {
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON idempotency_keys \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_slow_commit();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 async fn bookings_of(app: &TestApp, booking: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE event_type = 'BookingRequested' AND stream_id = $1",
@@ -1157,17 +1171,7 @@ async fn an_append_whose_commit_outcome_is_lost_answers_503_and_its_retry_answer
     .await;
     let (venue, table, room) = app.venue().await;
     let staff = app.token(Role::Staff);
-    // Every commit that records an idempotency key now sleeps 2 s first, so the test can act
-    // while a commit is under way.
-    sqlx::raw_sql(
-        "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON idempotency_keys \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_slow_commit();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    slow_commits(&app).await;
 
     // 1. The connection is cut while the commit is under way: the server commits, the ledger
     //    never hears. The answer is a clean 503; the retry with the key answers what committed.
@@ -1365,17 +1369,7 @@ async fn an_append_whose_answer_is_silently_dropped_answers_503_and_its_retry_wh
     .await;
     let (venue, table, room) = app.venue().await;
     let staff = app.token(Role::Staff);
-    // Every commit that records an idempotency key sleeps 2 s first: the network goes silent
-    // while one is under way.
-    sqlx::raw_sql(
-        "CREATE FUNCTION test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
-         $$ BEGIN PERFORM pg_sleep(2); RETURN NULL; END $$; \
-         CREATE CONSTRAINT TRIGGER test_slow_commit AFTER INSERT ON idempotency_keys \
-         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_slow_commit();",
-    )
-    .execute(&app.pool)
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
+    slow_commits(&app).await;
     let body = booking_body(venue, table, 18, 20, &unique_email());
     let key = [("idempotency-key", "silent-mid-commit")];
     let first = {
