@@ -459,6 +459,26 @@ async fn pipeline(
     Ok((figure?, time))
 }
 
+/// Settings for a benchmark's own app on `url` (a fresh JWT secret, which is returned too, and a
+/// fresh master key), listening on a free port; as `serve`'s defaults otherwise.
+fn bench_settings(url: &str, nats_url: String) -> anyhow::Result<(Settings, Vec<u8>)> {
+    let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
+    let settings = Settings {
+        database_url: url.to_owned(),
+        nats_url,
+        nats_stream: "LEDGER".into(),
+        nats_subjects: "ledger.events".into(),
+        listen: "127.0.0.1:0".parse()?,
+        jwt_secret: jwt_secret.clone(),
+        master_key: MasterKey::generate(),
+        webhook_secret: b"bench".to_vec(),
+        backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
+        idempotency_retention: Default::default(),
+        database_wait: std::time::Duration::from_secs(3),
+    };
+    Ok((settings, jwt_secret))
+}
+
 /// An admin token for the benchmark's app, an HTTP client, and a venue registered through the API.
 async fn bench_venue(
     base: &str,
@@ -490,20 +510,7 @@ async fn http_bookings(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<(Figure, WriterTime)> {
-    let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
-    let settings = Settings {
-        database_url: url.to_owned(),
-        nats_url: String::new(),
-        nats_stream: "LEDGER".into(),
-        nats_subjects: "ledger.events".into(),
-        listen: "127.0.0.1:0".parse()?,
-        jwt_secret: jwt_secret.clone(),
-        master_key: MasterKey::generate(),
-        webhook_secret: b"bench".to_vec(),
-        backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
-        idempotency_retention: Default::default(),
-        database_wait: std::time::Duration::from_secs(3),
-    };
+    let (settings, jwt_secret) = bench_settings(url, String::new())?;
     // Its own pool, sized and waiting as `serve`'s: shutting the app down closes it.
     let pool = crate::app::connect_waiting(url, 32, settings.database_wait).await?;
     let app = Application::with_parts(pool, None, &settings).await?;
@@ -729,20 +736,7 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
         return Ok(());
     }
     // Command → read model lag at a fixed offered rate, with the whole read side running.
-    let jwt_secret: Vec<u8> = (0..48).map(|_| rand::random::<u8>()).collect();
-    let settings = Settings {
-        database_url: url.clone(),
-        nats_url: args.nats_url.clone(),
-        nats_stream: "LEDGER".into(),
-        nats_subjects: "ledger.events".into(),
-        listen: "127.0.0.1:0".parse()?,
-        jwt_secret: jwt_secret.clone(),
-        master_key: MasterKey::generate(),
-        webhook_secret: b"bench".to_vec(),
-        backup_retention_days: crate::store::vault::DEFAULT_BACKUP_RETENTION_DAYS,
-        idempotency_retention: Default::default(),
-        database_wait: std::time::Duration::from_secs(3),
-    };
+    let (settings, jwt_secret) = bench_settings(&url, args.nats_url.clone())?;
     let app_pool = connect(&url, 16).await?;
     let app = Application::with_parts(app_pool, Some(nats.clone()), &settings).await?;
     let base = format!("http://{}", app.local_addr()?);

@@ -65,28 +65,21 @@ pub struct HashedRow<'a> {
 /// microsecond is truncated because Postgres `timestamptz` does not store it, and a row must hash
 /// the same before insert and after read-back. `event_id` is the lowercase hyphenated uuid.
 pub fn row_bytes(row: &HashedRow<'_>) -> Vec<u8> {
-    let global_position = Value::from(row.global_position);
-    let event_id = Value::String(row.event_id.hyphenated().to_string());
-    let stream_id = Value::from(row.stream_id);
-    let stream_version = Value::from(row.stream_version);
-    let event_type = Value::from(row.event_type);
-    let schema_version = Value::from(row.schema_version);
-    let recorded_at = Value::String(row.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true));
-    let members = [
-        ("global_position", &global_position),
-        ("event_id", &event_id),
-        ("stream_id", &stream_id),
-        ("stream_version", &stream_version),
-        ("event_type", &event_type),
-        ("schema_version", &schema_version),
-        ("payload", row.payload),
-        ("metadata", row.metadata),
-        ("recorded_at", &recorded_at),
-    ];
+    let (payload, metadata) = (canonical_json(row.payload), canonical_json(row.metadata));
     let mut out = Vec::new();
-    write_object(
+    canonical_row_bytes(
+        &CanonicalRow {
+            global_position: row.global_position,
+            event_id: row.event_id,
+            stream_id: row.stream_id,
+            stream_version: row.stream_version,
+            event_type: row.event_type,
+            schema_version: row.schema_version,
+            payload: &payload,
+            metadata: &metadata,
+            recorded_at: row.recorded_at,
+        },
         &mut out,
-        members.iter().map(|&(k, v)| (Cow::Borrowed(k), v)),
     );
     out
 }
@@ -117,9 +110,10 @@ pub struct CanonicalRow<'a> {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// The same bytes as [`row_bytes`] of the row with these values, written into `out` (cleared
-/// first, so one buffer serves a whole batch). The members are in JCS order already: all keys
-/// are ASCII, where UTF-16 order is byte order.
+/// The canonical bytes of the row ([`row_bytes`]), written into `out` (cleared first, so one
+/// buffer serves a whole batch): the JCS form of the object with the [`HashedRow`] field names as
+/// keys, written out member by member. They are in JCS order already: all keys are ASCII, where
+/// UTF-16 order is byte order (tested against the generic object writer).
 pub fn canonical_row_bytes(row: &CanonicalRow<'_>, out: &mut Vec<u8>) {
     use std::io::Write as _;
     out.clear();
@@ -864,8 +858,21 @@ mod tests {
             };
             let mut buf = vec![1, 2, 3];
             canonical_row_bytes(&canonical, &mut buf);
-            let expected = row_bytes(&row);
+            // The definition: the row as a JSON object with the field names as keys, in JCS form.
+            let object = json!({
+                "global_position": position,
+                "event_id": event_id.hyphenated().to_string(),
+                "stream_id": stream_id,
+                "stream_version": version,
+                "event_type": event_type,
+                "schema_version": schema,
+                "payload": payload,
+                "metadata": metadata,
+                "recorded_at": recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            });
+            let expected = canonical_json(&object);
             prop_assert_eq!(String::from_utf8_lossy(&buf), String::from_utf8_lossy(&expected));
+            prop_assert_eq!(row_bytes(&row), expected);
             prop_assert_eq!(canonical_leaf_hash(&canonical, &mut buf), leaf_hash(&row));
             prop_assert_eq!(canonical_json_string(&payload).into_bytes(), p);
         }

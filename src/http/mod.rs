@@ -21,7 +21,7 @@ pub mod venues;
 
 use crate::store::append::Appender;
 use crate::store::vault::KeyVault;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -184,11 +184,7 @@ async fn request_ids(mut req: Request, next: Next) -> Response {
         request_id,
         correlation_id,
     });
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+    let route = ops::route_template(&req);
     let method = req.method().clone();
     let span = tracing::info_span!("http", %method, route, %request_id);
     let started = std::time::Instant::now();

@@ -160,14 +160,18 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Counts each request and its latency under its route template (the path as routed, with
-/// `{id}` placeholders), never the raw path or query.
-pub async fn track_requests(State(http): State<HttpMetrics>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
+/// The request's route template (the path as routed, with `{id}` placeholders; `unmatched` when
+/// no route matched), which metrics and logs name instead of the raw path, which may hold ids.
+pub fn route_template(req: &Request) -> String {
+    req.extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".into());
+        .unwrap_or_else(|| "unmatched".into())
+}
+
+/// Counts each request and its latency under its route template, never the raw path or query.
+pub async fn track_requests(State(http): State<HttpMetrics>, req: Request, next: Next) -> Response {
+    let route = route_template(&req);
     let method = req.method().clone();
     let started = Instant::now();
     let response = next.run(req).await;

@@ -6,15 +6,6 @@ use ledger::http::auth::Role;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-async fn get(app: &TestApp, path: &str, token: &Token) -> Answer {
-    app.send(
-        app.client
-            .get(format!("{}{path}", app.base))
-            .bearer_auth(&token.0),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn erasure_shreds_personal_data_everywhere_and_the_log_still_verifies() {
     let app = spawn_app().await;

@@ -175,6 +175,17 @@ pub struct Spawn {
     pub idempotency_retention: Option<ledger::store::purge::Retention>,
 }
 
+/// `GET path` on the app as `token`.
+#[allow(dead_code)]
+pub async fn get(app: &TestApp, path: &str, token: &Token) -> Answer {
+    app.send(
+        app.client
+            .get(format!("{}{path}", app.base))
+            .bearer_auth(&token.0),
+    )
+    .await
+}
+
 /// The apps' `LEDGER_DATABASE_WAIT_SECONDS`: the default.
 pub const DATABASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 

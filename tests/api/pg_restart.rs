@@ -1137,6 +1137,35 @@ async fn sleeping_backend(app: &TestApp) -> Option<i32> {
     .flatten()
 }
 
+/// `POST /v1/bookings` of `body` under the Idempotency-Key `key`, owning what it needs so that
+/// it can run on a task of its own while the test acts on the database.
+fn keyed_booking(
+    app: &TestApp,
+    token: &Token,
+    body: Value,
+    key: &'static str,
+) -> impl std::future::Future<Output = Answer> + Send + 'static {
+    let (app_base, client, token) = (app.base.clone(), app.client.clone(), token.0.clone());
+    async move {
+        let r = client
+            .post(format!("{app_base}/v1/bookings"))
+            .bearer_auth(token)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
 /// From now on every commit that records an idempotency key sleeps 2 s first, so a test can act
 /// while a commit is under way (see [`sleeping_backend`]).
 async fn slow_commits(app: &TestApp) {
@@ -1176,27 +1205,7 @@ async fn an_append_whose_commit_outcome_is_lost_answers_503_and_its_retry_answer
     // 1. The connection is cut while the commit is under way: the server commits, the ledger
     //    never hears. The answer is a clean 503; the retry with the key answers what committed.
     let body = booking_body(venue, table, 18, 20, &unique_email());
-    let send = |body: Value, key: &'static str| {
-        let (app_base, client, token) = (app.base.clone(), app.client.clone(), staff.0.clone());
-        async move {
-            let r = client
-                .post(format!("{app_base}/v1/bookings"))
-                .bearer_auth(token)
-                .header("idempotency-key", key)
-                .json(&body)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let status = r.status().as_u16();
-            let headers = r.headers().clone();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            Answer {
-                status,
-                headers,
-                body,
-            }
-        }
-    };
+    let send = |body: Value, key: &'static str| keyed_booking(&app, &staff, body, key);
     let first = tokio::spawn(send(body.clone(), "cut-mid-commit"));
     wait_for("the commit under way", Duration::from_secs(20), || async {
         sleeping_backend(&app).await.is_some()
@@ -1372,45 +1381,23 @@ async fn an_append_whose_answer_is_silently_dropped_answers_503_and_its_retry_wh
     slow_commits(&app).await;
     let body = booking_body(venue, table, 18, 20, &unique_email());
     let key = [("idempotency-key", "silent-mid-commit")];
-    let first = {
-        let (app_base, client, token, body) = (
-            app.base.clone(),
-            app.client.clone(),
-            staff.0.clone(),
-            body.clone(),
-        );
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let r = client
-                .post(format!("{app_base}/v1/bookings"))
-                .bearer_auth(token)
-                .header("idempotency-key", "silent-mid-commit")
-                .json(&body)
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let status = r.status().as_u16();
-            let headers = r.headers().clone();
-            let body: Value = r.json().await.unwrap_or(Value::Null);
-            (
-                Answer {
-                    status,
-                    headers,
-                    body,
-                },
-                started.elapsed(),
-            )
-        })
-    };
+    let started = Instant::now();
+    let first = tokio::spawn(keyed_booking(
+        &app,
+        &staff,
+        body.clone(),
+        "silent-mid-commit",
+    ));
     wait_for("the commit under way", Duration::from_secs(20), || async {
         sleeping_backend(&app).await.is_some()
     })
     .await;
     proxy.freeze();
-    let (answered, took) = tokio::time::timeout(Duration::from_secs(30), first)
+    let answered = tokio::time::timeout(Duration::from_secs(30), first)
         .await
         .unwrap_or_else(|_| panic!("the command hung after the network went silent"))
         .unwrap_or_else(|e| panic!("{e}"));
+    let took = started.elapsed();
     eprintln!("pg_restart: a command whose answer was dropped was answered in {took:?}");
     answered.assert_problem(503, "service-unavailable");
     assert!(answered.header("retry-after").is_some(), "{answered:?}");

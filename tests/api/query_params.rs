@@ -7,15 +7,6 @@ use crate::helpers::*;
 use ledger::http::auth::Role;
 use uuid::Uuid;
 
-async fn get(app: &TestApp, path: &str, token: &Token) -> Answer {
-    app.send(
-        app.client
-            .get(format!("{}{path}", app.base))
-            .bearer_auth(&token.0),
-    )
-    .await
-}
-
 /// A venue with a booking of its table: (venue, booking, the booking's position, a staff token).
 async fn booked(app: &TestApp) -> (Uuid, Uuid, i64, Token) {
     let (venue, table, _) = app.venue().await;

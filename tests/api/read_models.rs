@@ -33,15 +33,6 @@ fn day(s: &str) -> NaiveDate {
     s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
 }
 
-async fn get(app: &TestApp, path: &str, token: &Token) -> Answer {
-    app.send(
-        app.client
-            .get(format!("{}{path}", app.base))
-            .bearer_auth(&token.0),
-    )
-    .await
-}
-
 /// A venue in `timezone` with a table for 4 and a room for 10: (venue, table, room).
 async fn venue_in(app: &TestApp, timezone: &str) -> (Uuid, Uuid, Uuid) {
     let admin = app.token(Role::Admin);

@@ -11,15 +11,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use uuid::Uuid;
 
-async fn get(app: &TestApp, path: &str, token: &Token) -> Answer {
-    app.send(
-        app.client
-            .get(format!("{}{path}", app.base))
-            .bearer_auth(&token.0),
-    )
-    .await
-}
-
 fn ok(a: Answer) -> Answer {
     assert!(a.status == 200 || a.status == 201, "{a:?}");
     a
