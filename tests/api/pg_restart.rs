@@ -1137,6 +1137,26 @@ async fn sleeping_backend(app: &TestApp) -> Option<i32> {
     .flatten()
 }
 
+/// Waits for the slowed commit to finish, then checks that the one booking whose answer was
+/// lost was committed all the same; returns its stream.
+async fn the_lost_answer_committed(app: &TestApp) -> String {
+    wait_for("the commit to finish", Duration::from_secs(20), || async {
+        sleeping_backend(app).await.is_none()
+    })
+    .await;
+    let mut committed: Vec<(String,)> =
+        sqlx::query_as("SELECT stream_id FROM events WHERE event_type = 'BookingRequested'")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap_or_default();
+    assert_eq!(
+        committed.len(),
+        1,
+        "the booking committed though its answer was lost"
+    );
+    committed.swap_remove(0).0
+}
+
 /// `POST /v1/bookings` of `body` under the Idempotency-Key `key`, owning what it needs so that
 /// it can run on a task of its own while the test acts on the database.
 fn keyed_booking(
@@ -1219,25 +1239,12 @@ async fn an_append_whose_commit_outcome_is_lost_answers_503_and_its_retry_answer
     answered.assert_problem(503, "service-unavailable");
     assert!(answered.header("retry-after").is_some(), "{answered:?}");
     // The server finishes the commit it was in.
-    wait_for("the commit to finish", Duration::from_secs(20), || async {
-        sleeping_backend(&app).await.is_none()
-    })
-    .await;
-    let committed: Vec<(String,)> =
-        sqlx::query_as("SELECT stream_id FROM events WHERE event_type = 'BookingRequested'")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap_or_default();
-    assert_eq!(
-        committed.len(),
-        1,
-        "the booking committed though its answer was lost"
-    );
+    let committed = the_lost_answer_committed(&app).await;
     let retry = send(body.clone(), "cut-mid-commit").await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(
         retry.body["stream"].as_str(),
-        Some(committed[0].0.as_str()),
+        Some(committed.as_str()),
         "the retry answers the booking that committed: {retry:?}"
     );
     let again = send(body, "cut-mid-commit").await;
@@ -1402,25 +1409,12 @@ async fn an_append_whose_answer_is_silently_dropped_answers_503_and_its_retry_wh
     answered.assert_problem(503, "service-unavailable");
     assert!(answered.header("retry-after").is_some(), "{answered:?}");
     assert!(took < Duration::from_secs(20), "answered after {took:?}");
-    wait_for("the commit to finish", Duration::from_secs(20), || async {
-        sleeping_backend(&app).await.is_none()
-    })
-    .await;
-    let committed: Vec<(String,)> =
-        sqlx::query_as("SELECT stream_id FROM events WHERE event_type = 'BookingRequested'")
-            .fetch_all(&app.pool)
-            .await
-            .unwrap_or_default();
-    assert_eq!(
-        committed.len(),
-        1,
-        "the booking committed though its answer was lost"
-    );
+    let committed = the_lost_answer_committed(&app).await;
     let retry = app.post_with("/v1/bookings", &staff, body, &key).await;
     assert_eq!(retry.status, 201, "{retry:?}");
     assert_eq!(
         retry.body["stream"].as_str(),
-        Some(committed[0].0.as_str()),
+        Some(committed.as_str()),
         "the retry answers the booking that committed: {retry:?}"
     );
     // The writer goes on, on a new connection.

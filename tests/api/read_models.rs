@@ -1049,22 +1049,7 @@ pub(crate) async fn all_events(pool: &sqlx::PgPool) -> Vec<RecordedEvent> {
 /// Rebuilds `daily_stats` alone from the log of `app` into a fresh database (no booking board
 /// there) with `apply_batch`, the same fold the worker runs, and returns its rows.
 async fn rebuilt_elsewhere(events: &[RecordedEvent]) -> BTreeMap<(Uuid, NaiveDate), DayStats> {
-    let admin = admin_url();
-    let name = format!("ledger_rebuild_{}", Uuid::new_v4().simple());
-    let mut conn = PgConnection::connect(&admin)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let url = with_database(&admin, &name);
-    let pool = ledger::app::connect(&url, 2)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    ledger::app::migrate(&pool)
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (pool, admin, name) = scratch_database().await;
     for chunk in events.chunks(37) {
         ledger_projections::apply_batch(&pool, daily_stats::NAME, chunk)
             .await
@@ -1078,10 +1063,7 @@ async fn rebuilt_elsewhere(events: &[RecordedEvent]) -> BTreeMap<(Uuid, NaiveDat
         .await
         .unwrap_or(-1);
     assert_eq!(board, 0, "the rebuild ran without the booking board");
-    pool.close().await;
-    let _ = sqlx::query(&format!("DROP DATABASE {name}"))
-        .execute(&mut conn)
-        .await;
+    drop_database(pool, admin, &name).await;
     rows.into_iter()
         .map(|(v, d)| ((v, d.local_date), d))
         .collect()
