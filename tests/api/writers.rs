@@ -52,6 +52,13 @@ fn claim(key: u8) -> IdempotencyClaim {
     }
 }
 
+async fn assert_log_verifies(app: &TestApp) {
+    let report = ledger_replay::verify::verify(&app.pool)
+        .await
+        .expect("verify");
+    assert!(report.intact, "{report:?}");
+}
+
 async fn stream_versions(app: &TestApp, stream: &str) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY global_position",
@@ -127,12 +134,67 @@ async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
         total += versions.len();
     }
     assert_eq!(total, appended_positions.len());
-    let report = ledger_replay::verify::verify(&app.pool)
-        .await
-        .expect("verify");
-    assert!(report.intact, "{report:?}");
+    assert_log_verifies(&app).await;
     drop((a, b));
     let _ = tokio::join!(writer_a, writer_b);
+}
+
+/// Many submitters at once, in rounds, so that batches grow past the size the writer hands to a
+/// task of its own to answer: every submitter is told where its own event landed, each position
+/// once and in its stream, and the log verifies.
+#[tokio::test]
+async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
+    let app = spawn_app().await;
+    let (appender, writer) = Appender::spawn(app.pool.clone());
+    let run = Uuid::now_v7();
+    let mut tasks = Vec::new();
+    for t in 0..96 {
+        let appender = appender.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut landed = Vec::new();
+            for n in 0..4 {
+                let stream = format!("venue-{run}-{t}-{n}");
+                let outcome = appender
+                    .append(request(&stream, ExpectedVersion::NoStream, 1))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let AppendOutcome::Appended(at, None) = outcome else {
+                    panic!("appended without a key: {outcome:?}");
+                };
+                assert_eq!(at.first_position, at.last_position);
+                assert_eq!(at.versions, vec![(stream.clone(), 1)]);
+                landed.push((at.last_position, stream));
+            }
+            landed
+        }));
+    }
+    let mut landed = Vec::new();
+    for task in tasks {
+        landed.extend(task.await.expect("task"));
+    }
+    landed.sort();
+    let stored: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT global_position, stream_id FROM events WHERE stream_id LIKE $1 \
+         ORDER BY global_position",
+    )
+    .bind(format!("venue-{run}-%"))
+    .fetch_all(&app.pool)
+    .await
+    .expect("read the appended events");
+    assert_eq!(
+        landed, stored,
+        "each submitter was told its own event's position"
+    );
+    let metrics = appender.metrics();
+    let (batches, commands) = (
+        metrics.batches.load(std::sync::atomic::Ordering::Relaxed),
+        metrics.commands.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert_eq!(commands, 384);
+    assert!(batches < commands / 4, "batched: {batches} batches");
+    assert_log_verifies(&app).await;
+    drop(appender);
+    let _ = writer.await;
 }
 
 /// A writer that does not know a stream takes the handler's word for its version; when another
@@ -217,10 +279,7 @@ async fn a_clashing_event_id_fails_its_command_alone_and_is_not_retried_for_ever
         .await
         .expect("query");
     assert_eq!(clashes, 1);
-    let report = ledger_replay::verify::verify(&app.pool)
-        .await
-        .expect("verify");
-    assert!(report.intact, "{report:?}");
+    assert_log_verifies(&app).await;
     drop(appender);
     let _ = writer.await;
 }
