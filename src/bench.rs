@@ -387,6 +387,9 @@ struct WriterTime {
     database: u64,
     planning: u64,
     gathering: u64,
+    ahead: u64,
+    ahead_micros: u64,
+    sending: u64,
 }
 
 impl WriterTime {
@@ -399,6 +402,9 @@ impl WriterTime {
             database: m.database_micros.load(Relaxed),
             planning: m.planning_micros.load(Relaxed),
             gathering: m.gathering_micros.load(Relaxed),
+            ahead: m.batches_ahead.load(Relaxed),
+            ahead_micros: m.ahead_micros.load(Relaxed),
+            sending: m.sending_micros.load(Relaxed),
         }
     }
 
@@ -409,10 +415,14 @@ impl WriterTime {
         let per = |micros: u64| micros as f64 / n;
         let idle = (elapsed.as_micros() as u64).saturating_sub(self.batch + self.gathering);
         format!(
-            "writer: {:.1} events/batch; per batch (µs): database {:.0}, planning {:.0}, \
-             answering {:.0}, gathering {:.0}, idle {:.0}",
+            "writer: {:.1} events/batch, {:.0}% planned ahead; per batch (µs): database {:.0} \
+             (sending {:.0}, planning ahead within it {:.0}), planning {:.0}, answering {:.0}, gathering {:.0}, \
+             idle {:.0}",
             self.events as f64 / n,
+            100.0 * self.ahead as f64 / n,
             per(self.database),
+            per(self.sending),
+            per(self.ahead_micros),
             per(self.planning),
             per(self.batch.saturating_sub(self.database + self.planning)),
             per(self.gathering),

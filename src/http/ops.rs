@@ -282,48 +282,59 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         }
     };
     let one = |v: f64| vec![(String::new(), v)];
-    metric(
-        "ledger_append_batches_total",
-        "counter",
-        "Append batches written.",
-        &one(m.batches.load(Relaxed) as f64),
-    );
-    metric(
-        "ledger_append_commands_total",
-        "counter",
-        "Commands handed to the append pipeline.",
-        &one(m.commands.load(Relaxed) as f64),
-    );
-    metric(
-        "ledger_append_events_total",
-        "counter",
-        "Events handed to the append pipeline.",
-        &one(m.events.load(Relaxed) as f64),
-    );
-    metric(
-        "ledger_append_batch_seconds_total",
-        "counter",
-        "Time spent writing batches.",
-        &one(m.batch_micros.load(Relaxed) as f64 / 1e6),
-    );
-    metric(
-        "ledger_append_database_seconds_total",
-        "counter",
-        "Time the append writer spent in its statements (part of the batch time).",
-        &one(m.database_micros.load(Relaxed) as f64 / 1e6),
-    );
-    metric(
-        "ledger_append_planning_seconds_total",
-        "counter",
-        "Time the append writer spent planning batches: beliefs, positions, the hash chain (part of the batch time).",
-        &one(m.planning_micros.load(Relaxed) as f64 / 1e6),
-    );
-    metric(
-        "ledger_append_gathering_seconds_total",
-        "counter",
-        "Time the append writer waited for the previous batch's submitters before a batch.",
-        &one(m.gathering_micros.load(Relaxed) as f64 / 1e6),
-    );
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as f64;
+    let seconds = |c: &std::sync::atomic::AtomicU64| c.load(Relaxed) as f64 / 1e6;
+    let append_counters = [
+        ("ledger_append_batches_total", "Append batches written.", load(&m.batches)),
+        (
+            "ledger_append_commands_total",
+            "Commands handed to the append pipeline.",
+            load(&m.commands),
+        ),
+        (
+            "ledger_append_events_total",
+            "Events handed to the append pipeline.",
+            load(&m.events),
+        ),
+        (
+            "ledger_append_batch_seconds_total",
+            "Time spent writing batches.",
+            seconds(&m.batch_micros),
+        ),
+        (
+            "ledger_append_database_seconds_total",
+            "Time the append writer spent in its statements (part of the batch time).",
+            seconds(&m.database_micros),
+        ),
+        (
+            "ledger_append_planning_seconds_total",
+            "Time the append writer spent planning batches: beliefs, positions, the hash chain (part of the batch time).",
+            seconds(&m.planning_micros),
+        ),
+        (
+            "ledger_append_batches_planned_ahead_total",
+            "Append batches sent as planned while the batch before them was in Postgres.",
+            load(&m.batches_ahead),
+        ),
+        (
+            "ledger_append_plans_dropped_total",
+            "Plans made ahead and dropped because the batch before did not commit as planned.",
+            load(&m.ahead_dropped),
+        ),
+        (
+            "ledger_append_planning_ahead_seconds_total",
+            "Time the append writer spent planning while a batch was in Postgres (within the database time).",
+            seconds(&m.ahead_micros),
+        ),
+        (
+            "ledger_append_gathering_seconds_total",
+            "Time the append writer waited for the previous batch's submitters before a batch.",
+            seconds(&m.gathering_micros),
+        ),
+    ];
+    for (name, help, value) in append_counters {
+        metric(name, "counter", help, &one(value));
+    }
     metric(
         "ledger_log_head_position",
         "gauge",

@@ -230,4 +230,12 @@ async fn the_append_writer_reports_where_its_time_goes() {
     assert!(database > 0.0 && planning > 0.0, "{text}");
     assert!(database + planning <= batch + 1e-6, "{text}");
     assert!(value("ledger_append_gathering_seconds_total") >= 0.0);
+    // Commands one after another may leave nothing to plan ahead; the counters are there.
+    let ahead = value("ledger_append_batches_planned_ahead_total");
+    assert!((0.0..=batches).contains(&ahead), "{text}");
+    assert!(value("ledger_append_plans_dropped_total") >= 0.0, "{text}");
+    assert!(
+        value("ledger_append_planning_ahead_seconds_total") <= database,
+        "{text}"
+    );
 }

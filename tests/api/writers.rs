@@ -59,6 +59,28 @@ async fn assert_log_verifies(app: &TestApp) {
     assert!(report.intact, "{report:?}");
 }
 
+/// `landed` (position, stream) as the submitters of the run were told holds every event of the
+/// run's `venue-{run}-…` streams, each where the log has it.
+async fn assert_each_was_told_its_own_position(
+    app: &TestApp,
+    run: Uuid,
+    mut landed: Vec<(i64, String)>,
+) {
+    landed.sort();
+    let stored: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT global_position, stream_id FROM events WHERE stream_id LIKE $1 \
+         ORDER BY global_position",
+    )
+    .bind(format!("venue-{run}-%"))
+    .fetch_all(&app.pool)
+    .await
+    .expect("read the appended events");
+    assert_eq!(
+        landed, stored,
+        "each submitter was told its own event's position"
+    );
+}
+
 async fn stream_versions(app: &TestApp, stream: &str) -> Vec<i64> {
     sqlx::query_scalar(
         "SELECT stream_version FROM events WHERE stream_id = $1 ORDER BY global_position",
@@ -172,19 +194,7 @@ async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
     for task in tasks {
         landed.extend(task.await.expect("task"));
     }
-    landed.sort();
-    let stored: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT global_position, stream_id FROM events WHERE stream_id LIKE $1 \
-         ORDER BY global_position",
-    )
-    .bind(format!("venue-{run}-%"))
-    .fetch_all(&app.pool)
-    .await
-    .expect("read the appended events");
-    assert_eq!(
-        landed, stored,
-        "each submitter was told its own event's position"
-    );
+    assert_each_was_told_its_own_position(&app, run, landed).await;
     let metrics = appender.metrics();
     let (batches, commands) = (
         metrics.batches.load(std::sync::atomic::Ordering::Relaxed),
@@ -195,6 +205,95 @@ async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
     assert_log_verifies(&app).await;
     drop(appender);
     let _ = writer.await;
+}
+
+/// One writer with many submitters plans each batch while the one before is in Postgres, on the
+/// head that one will leave; a second writer with a few moves the head from under it now and then,
+/// so some plans made ahead are dropped and made again. Every command still lands once, where its
+/// submitter was told, and the log verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_planned_ahead_on_a_head_that_moved_are_planned_again() {
+    let app = spawn_app().await;
+    let (a, writer_a) = Appender::spawn(app.pool.clone());
+    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let run = Uuid::now_v7();
+    // Both writers know the head and hold a connection before the race starts.
+    for w in [&a, &b] {
+        w.append(request(
+            &format!("warm-{run}-{}", Uuid::now_v7()),
+            ExpectedVersion::NoStream,
+            1,
+        ))
+        .await
+        .expect("warm up");
+    }
+    let a_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        // Writer b's few submitters append for as long as writer a's are at it.
+        let (appender, other) = match t % 16 {
+            0 => (b.clone(), true),
+            _ => (a.clone(), false),
+        };
+        let a_done = a_done.clone();
+        tasks.push(tokio::spawn(async move {
+            // Half of writer a's come in while its first batch is in Postgres: from then on the
+            // two halves take turns, each batch planned while the other's is written.
+            if t % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let stream = format!("venue-{run}-{t}");
+            let mut landed = Vec::new();
+            let mut n = 0;
+            while if other {
+                a_done.load(std::sync::atomic::Ordering::SeqCst) < 60
+            } else {
+                n < 16
+            } {
+                let expected = match n {
+                    0 => ExpectedVersion::NoStream,
+                    n => ExpectedVersion::Exact(n),
+                };
+                let outcome = appender
+                    .append(request(&stream, expected, 1))
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                let AppendOutcome::Appended(at, None) = outcome else {
+                    panic!("appended without a key: {outcome:?}");
+                };
+                n += 1;
+                assert_eq!(at.versions, vec![(stream.clone(), n)]);
+                landed.push((at.last_position, stream.clone()));
+            }
+            if !other {
+                a_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            (stream, n, landed)
+        }));
+    }
+    let mut landed = Vec::new();
+    for task in tasks {
+        let (stream, n, mine) = task.await.expect("task");
+        assert_eq!(
+            stream_versions(&app, &stream).await,
+            (1..=n).collect::<Vec<_>>()
+        );
+        landed.extend(mine);
+    }
+    assert_each_was_told_its_own_position(&app, run, landed).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    let (ahead, dropped) = (
+        a.metrics().batches_ahead.load(Relaxed),
+        a.metrics().ahead_dropped.load(Relaxed),
+    );
+    assert!(ahead > 0, "batches went out as planned ahead");
+    assert!(
+        dropped > 0,
+        "plans made ahead were dropped when the head moved"
+    );
+    assert_log_verifies(&app).await;
+    drop((a, b));
+    let _ = tokio::join!(writer_a, writer_b);
 }
 
 /// A writer that does not know a stream takes the handler's word for its version; when another
