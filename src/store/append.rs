@@ -238,6 +238,7 @@ pub struct AppendMetrics {
     /// Plans made ahead and dropped: the batch before did not commit as planned (a stale
     /// belief, a refused slot, an error), or a command needed a read.
     pub ahead_dropped: AtomicU64,
+    /// Binding a batch's statement and writing it to the socket (inside `database_micros`).
     pub sending_micros: AtomicU64,
 }
 
@@ -314,19 +315,7 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
             }
             if let Some(draft) = ahead.as_mut() {
                 let planning = std::time::Instant::now();
-                let none = HashSet::new();
-                let given = Given {
-                    beliefs: Beliefs::Known {
-                        known: &known.versions,
-                        overlay: None,
-                    },
-                    stored_keys: &HashMap::new(),
-                    slot_refused: &none,
-                    erased_refused: &none,
-                };
-                for job in &jobs[before..] {
-                    draft.add(&job.submitted.request, &job.submitted.prepared, &given);
-                }
+                draft.add_unread(&jobs[before..], &known.versions, None);
                 AppendMetrics::add(&metrics.planning_micros, planning);
             }
             let ahead = ahead.filter(|d| !d.needs_read() && d.planned() == jobs.len());
@@ -445,8 +434,7 @@ impl Queue {
         known: &HashMap<String, i64>,
         metrics: &AppendMetrics,
     ) -> T {
-        let call = std::pin::pin!(call);
-        let mut call = call;
+        let mut call = std::pin::pin!(call);
         let sending = std::time::Instant::now();
         let first = futures::poll!(call.as_mut());
         AppendMetrics::add(&metrics.sending_micros, sending);
@@ -487,23 +475,7 @@ impl Queue {
             return;
         }
         let planning = std::time::Instant::now();
-        let none = HashSet::new();
-        let given = Given {
-            beliefs: Beliefs::Known {
-                known,
-                overlay: Some(&flight.versions),
-            },
-            stored_keys: &HashMap::new(),
-            slot_refused: &none,
-            erased_refused: &none,
-        };
-        for job in &self.jobs[draft.planned()..] {
-            let Submitted { request, prepared } = &*job.submitted;
-            draft.add(request, prepared, &given);
-            if draft.needs_read() {
-                break;
-            }
-        }
+        draft.add_unread(&self.jobs[draft.planned()..], known, Some(&flight.versions));
         AppendMetrics::add(&metrics.ahead_micros, planning);
     }
 }
@@ -1281,6 +1253,29 @@ impl Draft {
         });
         self.verdicts[i] = Some(Ok(AppendOutcome::Appended(appended, response)));
         self.accepted.push(i);
+    }
+
+    /// Plans `jobs` without a read: on what the writer knows (`overlay`, the versions the batch in
+    /// flight leaves, first), no stored keys, no refusals yet; until one needs a read.
+    fn add_unread(
+        &mut self,
+        jobs: &[Job],
+        known: &HashMap<String, i64>,
+        overlay: Option<&HashMap<String, i64>>,
+    ) {
+        let none = HashSet::new();
+        let given = Given {
+            beliefs: Beliefs::Known { known, overlay },
+            stored_keys: &HashMap::new(),
+            slot_refused: &none,
+            erased_refused: &none,
+        };
+        for job in jobs {
+            self.add(&job.submitted.request, &job.submitted.prepared, &given);
+            if self.needs_read() {
+                break;
+            }
+        }
     }
 
     /// Settles request `i` if it appends nothing: refused, replayed, or a duplicate of an earlier
