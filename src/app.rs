@@ -95,7 +95,7 @@ impl Application {
             .await
             .with_context(|| format!("binding {}", settings.listen))?;
         let keyring = Arc::new(Keyring::derive(&settings.master_key));
-        let (appender, writer) = Appender::spawn(pool.clone());
+        let (appender, writer) = Appender::spawn(pool.clone(), &settings.database_url)?;
         let read_position = http::queries::ReadPosition::start(pool.clone())
             .await
             .context("listening for projection progress")?;

@@ -200,7 +200,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
 
     let mut piped = Vec::new();
     for &w in &args.writers {
-        let (f, writer) = pipeline(&pool, w, seconds).await?;
+        let (f, writer) = pipeline(&pool, &url, w, seconds).await?;
         let base = naive
             .iter()
             .find(|(n, _)| *n == w)
@@ -395,6 +395,7 @@ struct WriterTime {
     planning: u64,
     gathering: u64,
     ahead: u64,
+    sent_ahead: u64,
     ahead_micros: u64,
     sending: u64,
 }
@@ -410,6 +411,7 @@ impl WriterTime {
             planning: m.planning_micros.load(Relaxed),
             gathering: m.gathering_micros.load(Relaxed),
             ahead: m.batches_ahead.load(Relaxed),
+            sent_ahead: m.batches_sent_ahead.load(Relaxed),
             ahead_micros: m.ahead_micros.load(Relaxed),
             sending: m.sending_micros.load(Relaxed),
         }
@@ -422,11 +424,12 @@ impl WriterTime {
         let per = |micros: u64| micros as f64 / n;
         let idle = (elapsed.as_micros() as u64).saturating_sub(self.batch + self.gathering);
         format!(
-            "writer: {:.1} events/batch, {:.0}% planned ahead; per batch (µs): database {:.0} \
+            "writer: {:.1} events/batch, {:.0}% planned ahead, {:.0}% sent ahead; per batch (µs): database {:.0} \
              (sending {:.0}, planning ahead within it {:.0}), planning {:.0}, answering {:.0}, gathering {:.0}, \
              idle {:.0}",
             self.events as f64 / n,
             100.0 * self.ahead as f64 / n,
+            100.0 * self.sent_ahead as f64 / n,
             per(self.database),
             per(self.sending),
             per(self.ahead_micros),
@@ -440,10 +443,11 @@ impl WriterTime {
 
 async fn pipeline(
     pool: &PgPool,
+    url: &str,
     writers: usize,
     duration: Duration,
 ) -> anyhow::Result<(Figure, WriterTime)> {
-    let (appender, writer) = Appender::spawn(pool.clone());
+    let (appender, writer) = Appender::spawn(pool.clone(), url)?;
     let payload = Arc::new(sample_payload());
     let run = Uuid::now_v7();
     let submit = appender.clone();
@@ -619,7 +623,7 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
     );
 
     // Fill the log through the pipeline.
-    let (appender, writer) = Appender::spawn(pool.clone());
+    let (appender, writer) = Appender::spawn(pool.clone(), &url)?;
     let mut pending = Vec::new();
     for i in 0..args.events {
         let appender = appender.clone();

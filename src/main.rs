@@ -287,7 +287,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Err(e) => return Ok(config_error(e)),
             };
             let pool = ledger::app::connect(&url, 2).await?;
-            let (appender, writer) = ledger::store::append::Appender::spawn(pool.clone());
+            let (appender, writer) = ledger::store::append::Appender::spawn(pool.clone(), &url)?;
             let added = ledger::seed::demo_venue(&appender).await?;
             drop(appender);
             let _ = writer.await;

@@ -317,6 +317,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             load(&m.batches_ahead),
         ),
         (
+            "ledger_append_batches_sent_ahead_total",
+            "Append batches sent on the writer's connection while the batch before them was still running.",
+            load(&m.batches_sent_ahead),
+        ),
+        (
             "ledger_append_plans_dropped_total",
             "Plans made ahead and dropped because the batch before did not commit as planned.",
             load(&m.ahead_dropped),

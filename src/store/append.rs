@@ -19,17 +19,18 @@
 //!
 //! In the steady state the read is skipped (the writer knows the head it last wrote and the
 //! versions of the streams it wrote), and step 2 happens while the batch before is still in
-//! Postgres, on the head that batch will leave (see `Queue`): a batch goes out as soon as the
-//! one before it commits.
+//! Postgres, on the head that batch will leave (see `Queue`): under load the batch is sent behind
+//! the one running, on the writer's own pipelining connection (`store::wire`), and Postgres starts
+//! it as soon as the one before it commits.
 
+use super::wire::{into_sqlx, ServerError, Wire, WireConfig};
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use ledger_events::booking::TimeSlot;
 use ledger_events::chain::{canonical_json_string, canonical_leaf_hash, entry_hash, CanonicalRow};
 use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::pool::PoolConnection;
-use sqlx::{PgConnection, PgPool, Postgres};
+use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -240,6 +241,9 @@ pub struct AppendMetrics {
     pub ahead_dropped: AtomicU64,
     /// Binding a batch's statement and writing it to the socket (inside `database_micros`).
     pub sending_micros: AtomicU64,
+    /// Batches sent on the writer's connection while the batch before them was still running
+    /// (among `batches_ahead`).
+    pub batches_sent_ahead: AtomicU64,
 }
 
 impl AppendMetrics {
@@ -251,11 +255,18 @@ impl AppendMetrics {
 impl Appender {
     /// Starts the writer task. It ends when every `Appender` clone has been dropped, after
     /// finishing what was queued.
-    pub fn spawn(pool: PgPool) -> (Self, tokio::task::JoinHandle<()>) {
+    ///
+    /// The writer reads through `pool` and writes on a connection of its own to the same
+    /// database (`database_url`, the URL `pool` was made from; see `store::wire`).
+    pub fn spawn(
+        pool: PgPool,
+        database_url: &str,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<()>)> {
+        let config = WireConfig::parse(database_url).map_err(anyhow::Error::msg)?;
         let (queue, rx) = mpsc::channel(QUEUE_DEPTH);
         let metrics = Arc::new(AppendMetrics::default());
-        let handle = tokio::spawn(run_writer(pool, rx, metrics.clone()));
-        (Appender { queue, metrics }, handle)
+        let handle = tokio::spawn(run_writer(pool, config, rx, metrics.clone()));
+        Ok((Appender { queue, metrics }, handle))
     }
 
     pub fn metrics(&self) -> &AppendMetrics {
@@ -282,17 +293,26 @@ impl Appender {
     }
 }
 
-async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMetrics>) {
+async fn run_writer(
+    pool: PgPool,
+    config: WireConfig,
+    rx: mpsc::Receiver<Job>,
+    metrics: Arc<AppendMetrics>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
-    // One connection for the writer's whole life: its backend keeps the prepared statements and
-    // the plan of `append_batch` warm. A pool would rotate through cold backends.
+    // One connection for the writer's whole life: its backend keeps the prepared statement and
+    // the plan of `append_batch` warm, and batches are pipelined on it (see `Queue::beside`).
     let mut conn = WriterConnection::default();
     let mut known = Knowledge::default();
     let mut queue = Queue::new(rx);
     let mut previous = 0;
     loop {
         let mut gathering = std::time::Instant::now();
-        let (jobs, ahead) = if queue.jobs.is_empty() {
+        let (jobs, start) = if let Some(sent) = queue.sent.take() {
+            // Sent while the batch before it ran, which committed: it is in Postgres already.
+            let jobs: Vec<Job> = queue.jobs.drain(..sent.draft.planned()).collect();
+            (jobs, Start::Sent(sent))
+        } else if queue.jobs.is_empty() {
             // Nothing came in while the last batch was in Postgres: its answers go out now.
             queue.answer();
             if queue.rx.recv_many(&mut batch, MAX_BATCH_COMMANDS).await == 0 {
@@ -302,7 +322,7 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
             if batch.len() * 2 < previous {
                 gather(&mut queue.rx, &mut batch, previous).await;
             }
-            (std::mem::take(&mut batch), None)
+            (std::mem::take(&mut batch), Start::Fresh)
         } else {
             let (mut jobs, mut ahead) = queue.take(&known, &metrics);
             // A small batch was answered at once (see `Queue::settle`): its submitters, back
@@ -318,8 +338,11 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
                 draft.add_unread(&jobs[before..], &known.versions, None);
                 AppendMetrics::add(&metrics.planning_micros, planning);
             }
-            let ahead = ahead.filter(|d| !d.needs_read() && d.planned() == jobs.len());
-            (jobs, ahead)
+            let start = match ahead.filter(|d| !d.needs_read() && d.planned() == jobs.len()) {
+                Some(draft) => Start::Planned(Box::new(draft)),
+                None => Start::Fresh,
+            };
+            (jobs, start)
         };
         AppendMetrics::add(&metrics.gathering_micros, gathering);
         previous = jobs.len();
@@ -332,14 +355,22 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
         metrics.batches.fetch_add(1, Relaxed);
         metrics.commands.fetch_add(jobs.len() as u64, Relaxed);
         metrics.events.fetch_add(events as u64, Relaxed);
-        if ahead.is_some() {
-            metrics.batches_ahead.fetch_add(1, Relaxed);
+        match start {
+            Start::Fresh => {}
+            Start::Planned(_) => {
+                metrics.batches_ahead.fetch_add(1, Relaxed);
+            }
+            Start::Sent(_) => {
+                metrics.batches_ahead.fetch_add(1, Relaxed);
+                metrics.batches_sent_ahead.fetch_add(1, Relaxed);
+            }
         }
-        if let Some(e) = write_jobs(
-            &pool, &mut conn, &mut known, &metrics, jobs, ahead, &mut queue,
-        )
-        .await
-        {
+        let writer = Writer {
+            pool: &pool,
+            config: &config,
+            metrics: &metrics,
+        };
+        if let Some(e) = write_jobs(&writer, &mut conn, &mut known, jobs, start, &mut queue).await {
             // The database is unreachable: what queued while the writer waited for a connection
             // would wait as long again. It is answered now (503), and its clients retry.
             queue.answer();
@@ -347,6 +378,7 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
                 job.answer(Err(AppendError::Database(e.clone())));
             }
             queue.draft = None;
+            queue.sent = None;
             while let Ok(job) = queue.rx.try_recv() {
                 job.answer(Err(AppendError::Database(e.clone())));
             }
@@ -364,18 +396,26 @@ async fn run_writer(pool: PgPool, rx: mpsc::Receiver<Job>, metrics: Arc<AppendMe
 /// A batch's planning (beliefs, positions, the hash chain) took ~75 µs of every ~800 µs cycle at
 /// 64 submitters, with Postgres idle meanwhile. So while a batch's statement runs, the writer takes
 /// the commands that arrive and plans each as it comes, against the head that batch leaves if it
-/// commits: when it does, the next batch is sent at once. If it does not (a belief was stale, a slot
-/// refused, an error), the plan is dropped and the commands are planned again, as before. The
-/// database checks the head a batch was planned on (`expected_head`), so a plan on a head that did
-/// not come to be cannot be written.
+/// commits. Once as many are planned as were answered last (the submitters coming back), that
+/// batch is sent on the same connection behind the one running (`sent`): Postgres starts it the
+/// moment the one before commits, with no round trip of the host in between. If the one before
+/// does not commit (a belief was stale, a slot refused, an error), the batch sent behind it finds
+/// the head elsewhere and is refused as stale (`append_batch` checks the position and entry hash
+/// of the head a batch was planned on), and its commands are planned again, as before. So a plan
+/// on a head that did not come to be cannot be written.
 struct Queue {
     rx: mpsc::Receiver<Job>,
     /// Commands taken while a batch was in flight, in queue order: the next batch.
     jobs: Vec<Job>,
     /// The plan of `jobs` (of its first `planned()` commands), on the head named by its base.
     draft: Option<Draft>,
+    /// The next batch, sent behind the one in flight: the first `planned()` commands of `jobs`.
+    sent: Option<Sent>,
     /// A committed batch's answers, held until the next batch is on its way (see `beside`).
     answers: Option<(Vec<Job>, Verdicts)>,
+    /// How many submitters were answered last: the batch to send behind the one in flight is
+    /// complete when as many are planned.
+    returning: usize,
     closed: bool,
 }
 
@@ -385,7 +425,9 @@ impl Queue {
             rx,
             jobs: Vec::new(),
             draft: None,
+            sent: None,
             answers: None,
+            returning: 0,
             closed: false,
         }
     }
@@ -393,16 +435,18 @@ impl Queue {
     /// Answers the last committed batch, if that has not happened yet.
     fn answer(&mut self) {
         if let Some((jobs, verdicts)) = self.answers.take() {
+            self.returning = jobs.len();
             answer_apart(jobs, verdicts);
         }
     }
 
     /// Answers a committed batch: a small one at once, so that its submitters can join the next
-    /// batch; a big one once the next batch is on its way, since half the submitters are already
-    /// queued for it (see [`answer_apart`]).
+    /// batch; a big one once the next batch is on its way (at once if it already is), since half
+    /// the submitters are already queued for it (see [`answer_apart`]).
     fn settle(&mut self, jobs: Vec<Job>, verdicts: Verdicts) {
         self.answer();
-        if jobs.len() < ANSWER_APART_MIN {
+        if jobs.len() < ANSWER_APART_MIN || self.sent.is_some() {
+            self.returning = jobs.len();
             answer_apart(jobs, verdicts);
         } else {
             self.answers = Some((jobs, verdicts));
@@ -424,17 +468,47 @@ impl Queue {
         (jobs, draft)
     }
 
+    /// The batch in flight did not commit, for certain (its statement was answered with a
+    /// refusal or an error): the one sent behind it cannot have written anything (it extends a
+    /// head that did not come to be), and its commands are planned again.
+    fn drop_sent(&mut self, metrics: &AppendMetrics) {
+        if self.sent.take().is_some() {
+            metrics.ahead_dropped.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The batch in flight failed with `e`. If the server answered, nothing was written (see
+    /// `drop_sent`); if not (a cut connection, no answer in time), the batch in flight may have
+    /// committed and so may the one sent behind it: its submitters are answered as unavailable,
+    /// and a retry under the same idempotency key answers what committed.
+    fn fail_sent(&mut self, e: &sqlx::Error, metrics: &AppendMetrics) {
+        if matches!(e, sqlx::Error::Database(_)) {
+            return self.drop_sent(metrics);
+        }
+        let Some(sent) = self.sent.take() else {
+            return;
+        };
+        let unknown = Arc::new(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionAborted,
+            format!("the append before this one failed with its outcome unknown: {e}"),
+        )));
+        let n = sent.draft.planned().min(self.jobs.len());
+        for job in self.jobs.drain(..n) {
+            job.answer(Err(AppendError::Database(unknown.clone())));
+        }
+    }
+
     /// Runs `call` (the statement of the batch `flight`) to its end. Once it is sent, the previous
     /// batch is answered, and the commands that arrive meanwhile are taken and planned on the head
-    /// `flight` leaves.
-    async fn beside<T>(
+    /// `flight` leaves; when they are complete (`returning`), they are sent behind it on `wire`.
+    async fn beside(
         &mut self,
-        call: impl std::future::Future<Output = T>,
+        mut call: Call,
         flight: &Draft,
         known: &HashMap<String, i64>,
         metrics: &AppendMetrics,
-    ) -> T {
-        let mut call = std::pin::pin!(call);
+        wire: &Wire,
+    ) -> Called {
         let sending = std::time::Instant::now();
         let first = futures::poll!(call.as_mut());
         AppendMetrics::add(&metrics.sending_micros, sending);
@@ -451,6 +525,7 @@ impl Queue {
             self.draft = Some(Draft::new(base, now_micros().max(flight.recorded_at)));
         }
         self.plan(flight, known, metrics);
+        self.send_behind(wire, metrics);
         loop {
             let room = MAX_BATCH_COMMANDS.saturating_sub(self.jobs.len());
             tokio::select! {
@@ -461,6 +536,7 @@ impl Queue {
                         self.closed = true;
                     }
                     self.plan(flight, known, metrics);
+                    self.send_behind(wire, metrics);
                 }
             }
         }
@@ -477,6 +553,39 @@ impl Queue {
         let planning = std::time::Instant::now();
         draft.add_unread(&self.jobs[draft.planned()..], known, Some(&flight.versions));
         AppendMetrics::add(&metrics.ahead_micros, planning);
+    }
+
+    /// Sends the planned batch behind the one in flight once it is whole: every command taken is
+    /// planned, as many as were answered last (and at least `SEND_BEHIND_MIN`), none needs a
+    /// read, and it appends something. What
+    /// arrives after waits for the next batch.
+    fn send_behind(&mut self, wire: &Wire, metrics: &AppendMetrics) {
+        let whole = self.draft.as_ref().is_some_and(|d| {
+            self.sent.is_none()
+                && d.planned() == self.jobs.len()
+                && d.planned() >= self.returning.max(SEND_BEHIND_MIN)
+                && !d.needs_read()
+                && !d.accepted.is_empty()
+        });
+        if !whole {
+            return;
+        }
+        let Some(draft) = self.draft.take() else {
+            return;
+        };
+        let sending = std::time::Instant::now();
+        let draft = Arc::new(draft);
+        let mut call = Draft::send(&draft, wire);
+        // The first poll hands the statement to the connection; a call that ends at once keeps
+        // its outcome for when its turn comes.
+        if let std::task::Poll::Ready(done) = futures::FutureExt::poll_unpin(
+            &mut call,
+            &mut std::task::Context::from_waker(std::task::Waker::noop()),
+        ) {
+            call = Box::pin(std::future::ready(done));
+        }
+        AppendMetrics::add(&metrics.sending_micros, sending);
+        self.sent = Some(Sent { draft, call });
     }
 }
 
@@ -516,33 +625,52 @@ enum Failed {
     Write(sqlx::Error),
 }
 
-/// One try at a batch on the writer's connection, from `ahead` (its plan, made while the batch
-/// before was in flight) if there is one. After a failed statement the connection may be broken
-/// and the batch may or may not have committed: the connection is closed, and the next try starts
-/// on a fresh one and re-reads what it believes. With a `queue`, the commands that arrive while the
-/// batch's statement runs are planned meanwhile.
+/// What every try at a batch needs: where to read, where to connect, what to count.
+struct Writer<'w> {
+    pool: &'w PgPool,
+    config: &'w WireConfig,
+    metrics: &'w AppendMetrics,
+}
+
+/// How a batch starts: planned from scratch, planned while the batch before was in flight, or
+/// already sent behind it on the writer's connection.
+enum Start {
+    Fresh,
+    Planned(Box<Draft>),
+    Sent(Sent),
+}
+
+/// One try at a batch on the writer's connection, from `start`. After a failed statement the
+/// connection may be broken and the batch may or may not have committed: the connection is
+/// closed, and the next try starts on a fresh one and re-reads what it believes. With a `queue`,
+/// the commands that arrive while the batch's statement runs are planned meanwhile, and may be
+/// sent behind it.
 async fn attempt(
-    pool: &PgPool,
+    writer: &Writer<'_>,
     conn: &mut WriterConnection,
     known: &mut Knowledge,
-    metrics: &AppendMetrics,
     batch: &[&Submitted],
-    ahead: Option<Draft>,
-    queue: Option<&mut Queue>,
+    start: Start,
+    mut queue: Option<&mut Queue>,
 ) -> Result<Verdicts, Failed> {
-    let c = match writer_connection(pool, conn).await {
-        Ok(c) => c,
-        Err(e) => {
-            known.forget();
-            return Err(Failed::Connect(e));
-        }
+    let metrics = writer.metrics;
+    let wire = match (&start, conn.wire.as_ref()) {
+        // Already on this connection: whatever became of it, the call tells.
+        (Start::Sent(_), Some(wire)) => wire,
+        _ => match writer_connection(writer.config, conn).await {
+            Ok(wire) => wire,
+            Err(e) => {
+                known.forget();
+                return Err(Failed::Connect(e));
+            }
+        },
     };
     // Everything of the batch but its statements is planning (one writer per metrics: exact).
     let (started, database_before) = (
         std::time::Instant::now(),
         metrics.database_micros.load(Relaxed),
     );
-    let written = write_batch(c, known, metrics, batch, ahead, queue).await;
+    let written = write_batch(writer, wire, known, batch, start, queue.as_deref_mut()).await;
     let database = metrics.database_micros.load(Relaxed) - database_before;
     metrics.planning_micros.fetch_add(
         (started.elapsed().as_micros() as u64).saturating_sub(database),
@@ -552,6 +680,9 @@ async fn attempt(
     match written {
         Ok(verdicts) => Ok(verdicts),
         Err(e) => {
+            if let Some(queue) = queue {
+                queue.fail_sent(&e, metrics);
+            }
             conn.discard();
             known.forget();
             Err(Failed::Write(e))
@@ -565,23 +696,22 @@ async fn attempt(
 /// another connection timeout. A committed batch is answered once the next one is on its way
 /// (`Queue::beside`).
 async fn write_jobs(
-    pool: &PgPool,
+    writer: &Writer<'_>,
     conn: &mut WriterConnection,
     known: &mut Knowledge,
-    metrics: &AppendMetrics,
     jobs: Vec<Job>,
-    ahead: Option<Draft>,
+    start: Start,
     queue: &mut Queue,
 ) -> Option<Arc<sqlx::Error>> {
     let batch: Vec<&Submitted> = jobs.iter().map(|j| &*j.submitted).collect();
-    let mut result = attempt(pool, conn, known, metrics, &batch, ahead, Some(&mut *queue)).await;
+    let mut result = attempt(writer, conn, known, &batch, start, Some(&mut *queue)).await;
     // A server that restarted closed the writer's idle connection: the next statement is answered
     // with that error response (57P01 and the like), so it certainly was not applied. One more try
     // on a fresh connection makes a restart invisible to the commands that come after it.
     if let Err(Failed::Write(e @ sqlx::Error::Database(_))) = &result {
         if is_unavailable(e) {
             tracing::debug!(error = %e, "the writer's connection was closed; retrying on a new one");
-            result = attempt(pool, conn, known, metrics, &batch, None, Some(&mut *queue)).await;
+            result = attempt(writer, conn, known, &batch, Start::Fresh, Some(&mut *queue)).await;
         }
     }
     match result {
@@ -600,7 +730,7 @@ async fn write_jobs(
                     Some(e) => Err(AppendError::Database(e.clone())),
                     None => {
                         let one = [&*job.submitted];
-                        match attempt(pool, conn, known, metrics, &one, None, None).await {
+                        match attempt(writer, conn, known, &one, Start::Fresh, None).await {
                             Ok(mut r) => r.pop().unwrap_or(Err(AppendError::Closed)),
                             Err(Failed::Connect(e) | Failed::Write(e)) => {
                                 let e = Arc::new(e);
@@ -636,6 +766,11 @@ async fn write_jobs(
     }
 }
 
+/// Batches of fewer commands are not sent behind the one running: under HTTP load (batches of
+/// ~10) that split the batches smaller, for no gain measured (ADR 0001, seventh session); the
+/// many submitters it serves fill ~32.
+const SEND_BEHIND_MIN: usize = 24;
+
 /// Batches of at least this many commands are answered by a task of their own (see
 /// [`answer_apart`]). Smaller ones are answered by the writer: at 16 submitters (batches of ~15)
 /// and under HTTP load (~10) handing them over measured no better, and split the batches smaller.
@@ -669,7 +804,7 @@ fn answer_apart(jobs: Vec<Job>, results: Verdicts) {
 /// The writer's connection, and when it last ran a batch.
 #[derive(Default)]
 struct WriterConnection {
-    conn: Option<PoolConnection<Postgres>>,
+    wire: Option<Wire>,
     used: Option<std::time::Instant>,
 }
 
@@ -680,29 +815,30 @@ const IDLE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl WriterConnection {
     fn discard(&mut self) {
-        if let Some(mut broken) = self.conn.take() {
-            broken.close_on_drop();
-        }
+        self.wire = None;
     }
 }
 
 async fn writer_connection<'c>(
-    pool: &PgPool,
+    config: &WireConfig,
     conn: &'c mut WriterConnection,
-) -> Result<&'c mut PgConnection, sqlx::Error> {
-    use sqlx::Connection;
+) -> Result<&'c Wire, sqlx::Error> {
+    if conn.wire.as_ref().is_some_and(Wire::is_closed) {
+        tracing::debug!("the writer's connection is closed; opening another");
+        conn.discard();
+    }
     let idle = conn.used.is_none_or(|t| t.elapsed() >= IDLE_CHECK);
-    if let (true, Some(c)) = (idle, conn.conn.as_mut()) {
-        if let Err(e) = answered(c.ping()).await {
+    if let (true, Some(wire)) = (idle, conn.wire.as_ref()) {
+        if let Err(e) = answered(wire.ping()).await {
             tracing::debug!(error = %e, "the writer's idle connection is gone; opening another");
             conn.discard();
         }
     }
-    if conn.conn.is_none() {
-        conn.conn = Some(pool.acquire().await?);
+    if conn.wire.is_none() {
+        conn.wire = Some(answered(Wire::connect(config)).await?);
     }
-    match conn.conn.as_mut() {
-        Some(c) => Ok(&mut **c),
+    match conn.wire.as_ref() {
+        Some(wire) => Ok(wire),
         None => Err(sqlx::Error::PoolClosed),
     }
 }
@@ -772,10 +908,7 @@ type SnapshotRow = (
     Vec<Value>,
 );
 
-async fn read_snapshot(
-    conn: &mut PgConnection,
-    batch: &[&Submitted],
-) -> Result<Snapshot, sqlx::Error> {
+async fn read_snapshot(pool: &PgPool, batch: &[&Submitted]) -> Result<Snapshot, sqlx::Error> {
     let stream_ids: Vec<&str> = batch
         .iter()
         .flat_map(|s| s.request.streams.iter().map(|s| s.stream_id.as_str()))
@@ -807,7 +940,7 @@ async fn read_snapshot(
     )
     .bind(&stream_ids)
     .bind(&key_hashes)
-    .fetch_one(&mut *conn);
+    .fetch_one(pool);
     let row: SnapshotRow = answered(row).await?;
     let (position, hash, time, streams, versions, keys, hmacs, statuses, responses) = row;
     let mut stored_keys = HashMap::new();
@@ -848,93 +981,75 @@ impl Knowledge {
 /// lacks knowledge (first batch, a stream appended to with `Any` it has not seen) or when
 /// `append_batch` finds a belief stale.
 async fn write_batch(
-    conn: &mut PgConnection,
+    writer: &Writer<'_>,
+    wire: &Wire,
     known: &mut Knowledge,
-    metrics: &AppendMetrics,
     batch: &[&Submitted],
-    ahead: Option<Draft>,
+    start: Start,
     mut queue: Option<&mut Queue>,
 ) -> Result<Verdicts, sqlx::Error> {
+    let metrics = writer.metrics;
     let t0 = std::time::Instant::now();
-    let mut need_read = known.head.is_none();
-    let mut read: Option<Snapshot> = None;
-    let mut slot_refused: HashSet<usize> = HashSet::new();
-    let mut erased_refused: HashSet<usize> = HashSet::new();
-    let mut planned = ahead;
+    let mut read = Reading {
+        needed: known.head.is_none(),
+        snapshot: None,
+        slot_refused: HashSet::new(),
+        erased_refused: HashSet::new(),
+    };
+    let (mut planned, mut sent) = match start {
+        Start::Fresh => (None, None),
+        Start::Planned(draft) => (Some(*draft), None),
+        Start::Sent(sent) => (None, Some(sent)),
+    };
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let draft = match planned.take() {
-            Some(draft) => draft,
+        let (draft, call) = match sent.take() {
+            Some(Sent { draft, call }) => (draft, call),
             None => {
-                if need_read {
-                    let reading = std::time::Instant::now();
-                    let snapshot = read_snapshot(conn, batch).await?;
-                    AppendMetrics::add(&metrics.database_micros, reading);
-                    known.head = Some((
-                        snapshot.head_position,
-                        snapshot.head_hash,
-                        snapshot.head_time,
-                    ));
-                    read = Some(snapshot);
-                    need_read = false;
-                }
-                let Some((head_position, head_hash, head_time)) = known.head else {
-                    need_read = true;
-                    continue;
-                };
-                let no_keys = HashMap::new();
-                let given = Given {
-                    beliefs: match &read {
-                        Some(snapshot) => Beliefs::Read(&snapshot.versions),
-                        None => Beliefs::Known {
-                            known: &known.versions,
-                            overlay: None,
-                        },
+                let draft = match planned.take() {
+                    Some(draft) => draft,
+                    None => match plan_anew(writer, known, batch, &mut read).await? {
+                        Some(draft) => draft,
+                        None => continue,
                     },
-                    stored_keys: read.as_ref().map_or(&no_keys, |s| &s.keys),
-                    slot_refused: &slot_refused,
-                    erased_refused: &erased_refused,
                 };
-                let mut draft = Draft::new((head_position, head_hash), now_micros().max(head_time));
-                for submitted in batch {
-                    draft.add(&submitted.request, &submitted.prepared, &given);
+                if draft.planned() != batch.len() {
+                    // Unreachable: after a read every stream has a belief, so every request is
+                    // planned.
+                    return Err(sqlx::Error::Protocol(
+                        "a batch was not planned whole".into(),
+                    ));
                 }
-                if draft.unprepared {
-                    // Unreachable: `Prepared::new` made one per event of each request.
-                    return Err(sqlx::Error::Protocol("an event was not prepared".into()));
+                if draft.accepted.is_empty() {
+                    return Ok(draft.into_verdicts());
                 }
-                // A refusal must rest on what the database says, not on a belief.
-                if draft.needs_read() && read.is_none() {
-                    need_read = true;
-                    continue;
-                }
-                draft
+                let draft = Arc::new(draft);
+                let call = Draft::send(&draft, wire);
+                (draft, call)
             }
         };
-        if draft.planned() != batch.len() {
-            // Unreachable: after a read every stream has a belief, so every request is planned.
-            return Err(sqlx::Error::Protocol(
-                "a batch was not planned whole".into(),
-            ));
-        }
-        if draft.accepted.is_empty() {
-            return Ok(draft.into_verdicts());
-        }
         let planned_micros = t0.elapsed().as_micros() as u64;
         let calling = std::time::Instant::now();
         // Binding (encoding the arrays) happens inside the call and counts as the database's.
-        let call = answered(draft.call(conn));
         let called = match queue.as_deref_mut() {
-            Some(queue) => queue.beside(call, &draft, &known.versions, metrics).await,
+            Some(queue) => {
+                queue
+                    .beside(call, &draft, &known.versions, metrics, wire)
+                    .await
+            }
             None => call.await,
         }
         .or_else(refusal_as_outcome);
         AppendMetrics::add(&metrics.database_micros, calling);
         let (outcome, refused) = called?;
+        let Ok(draft) = Arc::try_unwrap(draft) else {
+            // Unreachable: the call that held the plan has ended.
+            return Err(sqlx::Error::Protocol("a sent plan was still held".into()));
+        };
         tracing::trace!(
             rounds,
-            read_done = read.is_some(),
+            read_done = read.snapshot.is_some(),
             planned_micros,
             total_micros = t0.elapsed().as_micros() as u64,
             commands = batch.len(),
@@ -942,6 +1057,13 @@ async fn write_batch(
             outcome,
             "append batch"
         );
+        if outcome != "appended" {
+            // Nothing of this batch was written: the one sent behind it extends a head that did
+            // not come to be.
+            if let Some(queue) = queue.as_deref_mut() {
+                queue.drop_sent(metrics);
+            }
+        }
         match outcome.as_str() {
             "appended" => {
                 known.head = Some((draft.position, draft.chain, draft.recorded_at));
@@ -957,7 +1079,7 @@ async fn write_batch(
                     // Postgres arrays are 1-based; these index event rows.
                     let k = usize::try_from(index).unwrap_or(0).saturating_sub(1);
                     if let Some(&i) = draft.event_requests.get(k) {
-                        erased_refused.insert(i);
+                        read.erased_refused.insert(i);
                     }
                 }
             }
@@ -966,17 +1088,79 @@ async fn write_batch(
                     // Postgres arrays are 1-based.
                     let k = usize::try_from(index).unwrap_or(0).saturating_sub(1);
                     if let Some(&i) = draft.slots.requests.get(k) {
-                        slot_refused.insert(i);
+                        read.slot_refused.insert(i);
                     }
                 }
             }
             _ => {
                 tracing::debug!("a belief about the log was stale; reading and planning again");
                 known.forget();
-                need_read = true;
+                read.needed = true;
             }
         }
     }
+}
+
+/// What a batch's planning has learnt from the database: whether it must read, what it read, and
+/// the commands refused so far.
+struct Reading {
+    needed: bool,
+    snapshot: Option<Snapshot>,
+    slot_refused: HashSet<usize>,
+    erased_refused: HashSet<usize>,
+}
+
+/// Plans `batch` on what the writer knows, reading first when it must; `None` when the plan
+/// found it must read, and so try again.
+async fn plan_anew(
+    writer: &Writer<'_>,
+    known: &mut Knowledge,
+    batch: &[&Submitted],
+    read: &mut Reading,
+) -> Result<Option<Draft>, sqlx::Error> {
+    if read.needed {
+        let reading = std::time::Instant::now();
+        let snapshot = read_snapshot(writer.pool, batch).await?;
+        AppendMetrics::add(&writer.metrics.database_micros, reading);
+        known.head = Some((
+            snapshot.head_position,
+            snapshot.head_hash,
+            snapshot.head_time,
+        ));
+        read.snapshot = Some(snapshot);
+        read.needed = false;
+    }
+    let Some((head_position, head_hash, head_time)) = known.head else {
+        read.needed = true;
+        return Ok(None);
+    };
+    let no_keys = HashMap::new();
+    let given = Given {
+        beliefs: match &read.snapshot {
+            Some(snapshot) => Beliefs::Read(&snapshot.versions),
+            None => Beliefs::Known {
+                known: &known.versions,
+                overlay: None,
+            },
+        },
+        stored_keys: read.snapshot.as_ref().map_or(&no_keys, |s| &s.keys),
+        slot_refused: &read.slot_refused,
+        erased_refused: &read.erased_refused,
+    };
+    let mut draft = Draft::new((head_position, head_hash), now_micros().max(head_time));
+    for submitted in batch {
+        draft.add(&submitted.request, &submitted.prepared, &given);
+    }
+    if draft.unprepared {
+        // Unreachable: `Prepared::new` made one per event of each request.
+        return Err(sqlx::Error::Protocol("an event was not prepared".into()));
+    }
+    // A refusal must rest on what the database says, not on a belief.
+    if draft.needs_read() && read.snapshot.is_none() {
+        read.needed = true;
+        return Ok(None);
+    }
+    Ok(Some(draft))
 }
 
 /// `append_batch` refuses a batch by failing its statement, which undoes all of it (ADR 0001):
@@ -991,8 +1175,8 @@ fn refusal_as_outcome(e: sqlx::Error) -> Result<(String, Vec<i32>), sqlx::Error>
     match (db.code().as_deref(), db.constraint()) {
         (Some("LG001"), _) => {
             let refused: Vec<i32> = db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .and_then(|pg| pg.detail())
+                .try_downcast_ref::<ServerError>()
+                .and_then(|server| server.detail())
                 .unwrap_or_default()
                 .split(',')
                 .filter_map(|i| i.trim().parse().ok())
@@ -1357,57 +1541,81 @@ impl Draft {
         (versions, verdicts)
     }
 
-    /// The `append_batch` call that writes this plan.
-    async fn call(&self, conn: &mut PgConnection) -> Result<(String, Vec<i32>), sqlx::Error> {
-        // Streams that get events are checked by their unique version; the others are looked up.
-        let (check_streams, check_versions): (Vec<&str>, Vec<i64>) = self
-            .assumed
-            .iter()
-            .filter(|(s, v)| self.versions.get(*s) == Some(*v))
-            .map(|(s, v)| (s.as_str(), *v))
-            .unzip();
-        let rows = &self.rows;
-        let payloads: Vec<&str> = rows.payloads.iter().map(|p| &**p).collect();
-        let metadata: Vec<&str> = rows.metadata.iter().map(|m| &**m).collect();
-        let (slots, idem) = (&self.slots, &self.idem);
-        sqlx::query_as::<_, (String, Vec<i32>)>(
-            "SELECT outcome, refused FROM append_batch($1, $2, $3, $4, $5, $6, $7::text[], $8, \
-             $9, $10, $11, $12, $13, $14, $15, $16::text[], $17, $18::text[]::jsonb[], \
-             $19::text[]::jsonb[], $20, $21, $22, $23, \
-             $24, $25, $26, $27, $28, $29)",
-        )
-        .bind(self.base.0)
-        .bind(&check_streams)
-        .bind(&check_versions)
-        .bind(self.position)
-        .bind(self.chain.as_slice())
-        .bind(self.recorded_at)
-        .bind(&slots.kinds)
-        .bind(&slots.bookings)
-        .bind(&slots.resources)
-        .bind(&slots.starts)
-        .bind(&slots.ends)
-        .bind(&rows.positions)
-        .bind(&rows.event_ids)
-        .bind(&rows.stream_ids)
-        .bind(&rows.versions)
-        .bind(&rows.types)
-        .bind(&rows.schema_versions)
-        .bind(&payloads)
-        .bind(&metadata)
-        .bind(&rows.recorded_at)
-        .bind(&rows.leaf_hashes)
-        .bind(&rows.entry_hashes)
-        .bind(&idem.key_hashes)
-        .bind(&idem.hmacs)
-        .bind(&idem.statuses)
-        .bind(&idem.responses)
-        .bind(&idem.positions)
-        .bind(&rows.sealed_rows)
-        .bind(&rows.sealed_subjects)
-        .fetch_one(conn)
-        .await
+    /// Sends the `append_batch` call that writes `draft` on `wire`, once the returned future is
+    /// first polled; it answers the call's outcome. The future holds what it needs, so a batch can
+    /// be sent while the one before it is still running (see `Queue::beside`).
+    fn send(draft: &Arc<Draft>, wire: &Wire) -> Call {
+        let (draft, client, statement) = (draft.clone(), wire.client.clone(), wire.append.clone());
+        Box::pin(async move {
+            use tokio_postgres::types::ToSql;
+            let d = &*draft;
+            // Streams that get events are checked by their unique version; the others are
+            // looked up.
+            let (check_streams, check_versions): (Vec<&str>, Vec<i64>) = d
+                .assumed
+                .iter()
+                .filter(|(s, v)| d.versions.get(*s) == Some(*v))
+                .map(|(s, v)| (s.as_str(), *v))
+                .unzip();
+            let (rows, slots, idem) = (&d.rows, &d.slots, &d.idem);
+            let payloads: Vec<&str> = rows.payloads.iter().map(|p| &**p).collect();
+            let metadata: Vec<&str> = rows.metadata.iter().map(|m| &**m).collect();
+            let (base_hash, chain) = (d.base.1.as_slice(), d.chain.as_slice());
+            let params: [&(dyn ToSql + Sync); 30] = [
+                &d.base.0,
+                &base_hash,
+                &check_streams,
+                &check_versions,
+                &d.position,
+                &chain,
+                &d.recorded_at,
+                &slots.kinds,
+                &slots.bookings,
+                &slots.resources,
+                &slots.starts,
+                &slots.ends,
+                &rows.positions,
+                &rows.event_ids,
+                &rows.stream_ids,
+                &rows.versions,
+                &rows.types,
+                &rows.schema_versions,
+                &payloads,
+                &metadata,
+                &rows.recorded_at,
+                &rows.leaf_hashes,
+                &rows.entry_hashes,
+                &idem.key_hashes,
+                &idem.hmacs,
+                &idem.statuses,
+                &idem.responses,
+                &idem.positions,
+                &rows.sealed_rows,
+                &rows.sealed_subjects,
+            ];
+            let row = answered(async {
+                client
+                    .query_one(&statement, &params)
+                    .await
+                    .map_err(into_sqlx)
+            })
+            .await?;
+            let outcome: String = row.try_get(0).map_err(into_sqlx)?;
+            let refused: Option<Vec<i32>> = row.try_get(1).map_err(into_sqlx)?;
+            Ok((outcome, refused.unwrap_or_default()))
+        })
     }
+}
+
+/// The outcome of an `append_batch` call, and the call itself, sent when first polled.
+type Called = Result<(String, Vec<i32>), sqlx::Error>;
+type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Called> + Send>>;
+
+/// A batch sent behind the one in flight, on the same connection: Postgres starts it the moment
+/// that one ends. Its commands are the first `draft.planned()` of `Queue::jobs`.
+struct Sent {
+    draft: Arc<Draft>,
+    call: Call,
 }
 
 /// Plans a whole batch on an empty log (the tests' view of `Draft`).

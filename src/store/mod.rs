@@ -4,6 +4,9 @@
 pub mod append;
 pub mod purge;
 pub mod vault;
+mod wire;
+
+pub use wire::WireConfig;
 
 use ledger_events::envelope::DomainEvent;
 

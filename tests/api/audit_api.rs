@@ -577,7 +577,8 @@ async fn a_command_of_several_events_is_one_action_even_across_a_page_end() {
         payload: json!({"venue_id": venue, "name": "Imported", "timezone": "UTC"}),
     };
     let request_id = Uuid::now_v7();
-    let (appender, writer) = Appender::spawn(app.pool.clone());
+    let (appender, writer) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     appender
         .append(AppendRequest {
             streams: vec![

@@ -246,7 +246,8 @@ pub async fn spawn_with(spawn: Spawn) -> TestApp {
         batch: 512,
     };
     let settings = Settings {
-        database_url: database_url.clone(),
+        // The URL of the app's pool, as `serve` has it: the append writer connects there too.
+        database_url: app_url.clone(),
         nats_url: "nats://127.0.0.1:1".into(),
         nats_stream: relay_config.stream.clone(),
         nats_subjects: "ledger.events".into(),

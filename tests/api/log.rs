@@ -105,3 +105,42 @@ async fn the_log_refuses_update_delete_and_truncate() {
     }
     assert_eq!(app.count_all_events().await, 3);
 }
+
+/// The writer sends a batch behind the one still running, planned on the head that one leaves.
+/// If that one is refused, the head stays where it was, and another process may even move it to
+/// the position the plan assumed with other events: `append_batch` then refuses the plan as
+/// stale by the head's entry hash, having written nothing.
+#[tokio::test]
+async fn a_batch_planned_on_the_heads_position_but_not_its_hash_is_refused_as_stale() {
+    let app = spawn_app().await;
+    app.venue().await;
+    let (position, hash): (i64, Vec<u8>) =
+        sqlx::query_as("SELECT position, entry_hash FROM log_head")
+            .fetch_one(&app.pool)
+            .await
+            .expect("head");
+    let mut other = hash.clone();
+    other[0] ^= 1;
+    let call = "SELECT outcome FROM append_batch($1, $2, '{}', '{}', $1 + 1, $3, now(), '{}', \
+                '{}', '{}', '{}', '{}', ARRAY[$1 + 1], ARRAY[$4::uuid], ARRAY['forged-' || $4], \
+                ARRAY[1::bigint], ARRAY['Forged'], ARRAY[1], ARRAY['{}'::jsonb], \
+                ARRAY['{}'::jsonb], ARRAY[now()], ARRAY[$3], ARRAY[$3], '{}', '{}', '{}', '{}', \
+                '{}', '{}', '{}')";
+    for (base, expected) in [(&other, "stale"), (&hash, "appended")] {
+        let before = app.count_all_events().await;
+        let (outcome,): (String,) = sqlx::query_as(call)
+            .bind(position)
+            .bind(base)
+            .bind(vec![7u8; 32])
+            .bind(Uuid::now_v7())
+            .fetch_one(&app.pool)
+            .await
+            .expect("append_batch");
+        assert_eq!(
+            outcome, expected,
+            "extending the head with hash {base:02x?}"
+        );
+        let written = app.count_all_events().await - before;
+        assert_eq!(written, i64::from(expected == "appended"));
+    }
+}

@@ -233,6 +233,8 @@ async fn the_append_writer_reports_where_its_time_goes() {
     // Commands one after another may leave nothing to plan ahead; the counters are there.
     let ahead = value("ledger_append_batches_planned_ahead_total");
     assert!((0.0..=batches).contains(&ahead), "{text}");
+    let sent = value("ledger_append_batches_sent_ahead_total");
+    assert!((0.0..=ahead).contains(&sent), "{text}");
     assert!(value("ledger_append_plans_dropped_total") >= 0.0, "{text}");
     assert!(
         value("ledger_append_planning_ahead_seconds_total") <= database,

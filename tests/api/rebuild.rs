@@ -599,7 +599,9 @@ async fn a_rebuild_over_several_pages_equals_the_per_event_fold_of_the_log() {
         .into_iter()
         .filter(|e| e.event_type != "SubjectErased")
         .collect();
-    let (appender, writer) = Appender::spawn(pool.clone());
+    let url = crate::helpers::with_database(&crate::helpers::admin_url(), &name);
+    let (appender, writer) =
+        Appender::spawn(pool.clone(), &url).unwrap_or_else(|e| panic!("{e:#}"));
     for chunk in generated.chunks(200) {
         let mut pending = Vec::new();
         for e in chunk {

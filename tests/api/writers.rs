@@ -97,8 +97,10 @@ async fn stream_versions(app: &TestApp, stream: &str) -> Vec<i64> {
 #[tokio::test]
 async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
     let app = spawn_app().await;
-    let (a, writer_a) = Appender::spawn(app.pool.clone());
-    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let (a, writer_a) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (b, writer_b) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     let run = Uuid::now_v7();
     let streams: Vec<String> = (0..4).map(|i| format!("venue-{run}-{i}")).collect();
     let mut tasks = Vec::new();
@@ -167,7 +169,8 @@ async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
 #[tokio::test]
 async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
     let app = spawn_app().await;
-    let (appender, writer) = Appender::spawn(app.pool.clone());
+    let (appender, writer) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     let run = Uuid::now_v7();
     let mut tasks = Vec::new();
     for t in 0..96 {
@@ -212,10 +215,12 @@ async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
 /// so some plans made ahead are dropped and made again. Every command still lands once, where its
 /// submitter was told, and the log verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_planned_ahead_on_a_head_that_moved_are_planned_again() {
+async fn batches_planned_and_sent_ahead_on_a_head_that_moved_are_planned_again() {
     let app = spawn_app().await;
-    let (a, writer_a) = Appender::spawn(app.pool.clone());
-    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let (a, writer_a) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (b, writer_b) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     let run = Uuid::now_v7();
     // Both writers know the head and hold a connection before the race starts.
     for w in [&a, &b] {
@@ -282,11 +287,13 @@ async fn batches_planned_ahead_on_a_head_that_moved_are_planned_again() {
     }
     assert_each_was_told_its_own_position(&app, run, landed).await;
     use std::sync::atomic::Ordering::Relaxed;
-    let (ahead, dropped) = (
+    let (ahead, sent, dropped) = (
         a.metrics().batches_ahead.load(Relaxed),
+        a.metrics().batches_sent_ahead.load(Relaxed),
         a.metrics().ahead_dropped.load(Relaxed),
     );
     assert!(ahead > 0, "batches went out as planned ahead");
+    assert!(sent > 0, "batches were sent behind the one running");
     assert!(
         dropped > 0,
         "plans made ahead were dropped when the head moved"
@@ -302,8 +309,10 @@ async fn batches_planned_ahead_on_a_head_that_moved_are_planned_again() {
 #[tokio::test]
 async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
     let app = spawn_app().await;
-    let (a, writer_a) = Appender::spawn(app.pool.clone());
-    let (b, writer_b) = Appender::spawn(app.pool.clone());
+    let (a, writer_a) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (b, writer_b) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     let run = Uuid::now_v7();
     let (x, y) = (format!("venue-{run}-x"), format!("venue-{run}-y"));
     a.append(request(&x, ExpectedVersion::NoStream, 2))
@@ -337,7 +346,8 @@ async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
 #[tokio::test]
 async fn a_clashing_event_id_fails_its_command_alone_and_is_not_retried_for_ever() {
     let app = spawn_app().await;
-    let (appender, writer) = Appender::spawn(app.pool.clone());
+    let (appender, writer) =
+        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
     let run = Uuid::now_v7();
     let first = request(&format!("venue-{run}-first"), ExpectedVersion::NoStream, 1);
     let reused = first.streams[0].events[0].event_id;
