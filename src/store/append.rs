@@ -835,7 +835,7 @@ async fn writer_connection<'c>(
         }
     }
     if conn.wire.is_none() {
-        conn.wire = Some(answered(Wire::connect(config)).await?);
+        conn.wire = Some(answered(Wire::connect(config, APPEND_BATCH)).await?);
     }
     match conn.wire.as_ref() {
         Some(wire) => Ok(wire),
@@ -1606,6 +1606,12 @@ impl Draft {
         })
     }
 }
+
+/// The call that writes a batch (see the migrations), its arguments in the order `Draft::send`
+/// binds them: the plan's head, its rows; it answers the outcome.
+const APPEND_BATCH: &str = "SELECT outcome, refused FROM append_batch($1, $2, $3, \
+     $4, $5, $6, $7, $8::text[], $9, $10, $11, $12, $13, $14, $15, $16, $17::text[], $18, \
+     $19::text[]::jsonb[], $20::text[]::jsonb[], $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)";
 
 /// The outcome of an `append_batch` call, and the call itself, sent when first polled.
 type Called = Result<(String, Vec<i32>), sqlx::Error>;

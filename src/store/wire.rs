@@ -10,11 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
-/// The call that writes a batch (see the migrations): the plan's head, its rows, its outcome.
-pub(super) const APPEND_BATCH: &str = "SELECT outcome, refused FROM append_batch($1, $2, $3, \
-     $4, $5, $6, $7, $8::text[], $9, $10, $11, $12, $13, $14, $15, $16, $17::text[], $18, \
-     $19::text[]::jsonb[], $20::text[]::jsonb[], $21, $22, $23, $24, $25, $26, $27, $28, $29, $30)";
-
 /// Where the writer connects: the pool's database, parsed for `tokio-postgres`.
 #[derive(Clone)]
 pub struct WireConfig(Arc<Config>);
@@ -36,8 +31,8 @@ impl WireConfig {
 /// How long the writer waits to connect, like the pool waits for a connection by default.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 
-/// An open connection: the client, the prepared `append_batch` call, and the task that drives
-/// the socket (it ends when the connection does).
+/// An open connection: the client, the writer's prepared statement (the `append_batch` call),
+/// and the task that drives the socket (it ends when the connection does).
 pub(super) struct Wire {
     pub client: Arc<Client>,
     pub append: Statement,
@@ -45,7 +40,7 @@ pub(super) struct Wire {
 }
 
 impl Wire {
-    pub async fn connect(config: &WireConfig) -> Result<Wire, sqlx::Error> {
+    pub async fn connect(config: &WireConfig, statement: &str) -> Result<Wire, sqlx::Error> {
         let (client, connection) = config.0.connect(NoTls).await.map_err(into_sqlx)?;
         let driver = tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -53,7 +48,7 @@ impl Wire {
                 tracing::debug!(error = %e, "the append writer's connection ended");
             }
         });
-        let append = match client.prepare(APPEND_BATCH).await {
+        let append = match client.prepare(statement).await {
             Ok(s) => s,
             Err(e) => {
                 driver.abort();

@@ -564,7 +564,7 @@ async fn the_cli_prints_a_streams_history_and_its_state_as_of_a_time() {
 
 #[tokio::test]
 async fn a_command_of_several_events_is_one_action_even_across_a_page_end() {
-    use ledger::store::append::{AppendRequest, Appender, StreamAppend};
+    use ledger::store::append::{AppendRequest, StreamAppend};
     use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
     let app = spawn_app().await;
     // Nothing the API serves appends several events for one command yet; the log allows it, so
@@ -577,8 +577,7 @@ async fn a_command_of_several_events_is_one_action_even_across_a_page_end() {
         payload: json!({"venue_id": venue, "name": "Imported", "timezone": "UTC"}),
     };
     let request_id = Uuid::now_v7();
-    let (appender, writer) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (appender, writer) = app.writer();
     appender
         .append(AppendRequest {
             streams: vec![

@@ -472,6 +472,14 @@ impl TestApp {
             .unwrap_or(-1)
     }
 
+    /// A second append writer on this test's database, beside the app's own (as a second
+    /// process would have).
+    #[allow(dead_code)]
+    pub fn writer(&self) -> (ledger::store::append::Appender, tokio::task::JoinHandle<()>) {
+        ledger::store::append::Appender::spawn(self.pool.clone(), &self.database_url)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     pub async fn count_all_events(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM events")
             .fetch_one(&self.pool)

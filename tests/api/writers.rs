@@ -3,8 +3,7 @@
 //! `Appender` directly, because these are the writer's paths, not a handler's.
 use crate::helpers::*;
 use ledger::store::append::{
-    AppendError, AppendOutcome, AppendRequest, Appender, IdempotencyClaim, StoredResponse,
-    StreamAppend,
+    AppendError, AppendOutcome, AppendRequest, IdempotencyClaim, StoredResponse, StreamAppend,
 };
 use ledger_events::envelope::{ExpectedVersion, Metadata, NewEvent};
 use serde_json::json;
@@ -97,10 +96,8 @@ async fn stream_versions(app: &TestApp, stream: &str) -> Vec<i64> {
 #[tokio::test]
 async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
     let app = spawn_app().await;
-    let (a, writer_a) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
-    let (b, writer_b) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (a, writer_a) = app.writer();
+    let (b, writer_b) = app.writer();
     let run = Uuid::now_v7();
     let streams: Vec<String> = (0..4).map(|i| format!("venue-{run}-{i}")).collect();
     let mut tasks = Vec::new();
@@ -169,8 +166,7 @@ async fn two_writers_on_one_log_keep_it_gapless_versioned_and_verifiable() {
 #[tokio::test]
 async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
     let app = spawn_app().await;
-    let (appender, writer) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (appender, writer) = app.writer();
     let run = Uuid::now_v7();
     let mut tasks = Vec::new();
     for t in 0..96 {
@@ -217,10 +213,8 @@ async fn many_submitters_at_once_are_each_told_where_their_own_event_landed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_planned_and_sent_ahead_on_a_head_that_moved_are_planned_again() {
     let app = spawn_app().await;
-    let (a, writer_a) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
-    let (b, writer_b) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (a, writer_a) = app.writer();
+    let (b, writer_b) = app.writer();
     let run = Uuid::now_v7();
     // Both writers know the head and hold a connection before the race starts.
     for w in [&a, &b] {
@@ -309,10 +303,8 @@ async fn batches_planned_and_sent_ahead_on_a_head_that_moved_are_planned_again()
 #[tokio::test]
 async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
     let app = spawn_app().await;
-    let (a, writer_a) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
-    let (b, writer_b) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (a, writer_a) = app.writer();
+    let (b, writer_b) = app.writer();
     let run = Uuid::now_v7();
     let (x, y) = (format!("venue-{run}-x"), format!("venue-{run}-y"));
     a.append(request(&x, ExpectedVersion::NoStream, 2))
@@ -346,8 +338,7 @@ async fn a_version_believed_on_the_handlers_word_is_checked_by_the_database() {
 #[tokio::test]
 async fn a_clashing_event_id_fails_its_command_alone_and_is_not_retried_for_ever() {
     let app = spawn_app().await;
-    let (appender, writer) =
-        Appender::spawn(app.pool.clone(), &app.database_url).unwrap_or_else(|e| panic!("{e:#}"));
+    let (appender, writer) = app.writer();
     let run = Uuid::now_v7();
     let first = request(&format!("venue-{run}-first"), ExpectedVersion::NoStream, 1);
     let reused = first.streams[0].events[0].event_id;
