@@ -557,8 +557,7 @@ impl Queue {
 
     /// Sends the planned batch behind the one in flight once it is whole: every command taken is
     /// planned, as many as were answered last (and at least `SEND_BEHIND_MIN`), none needs a
-    /// read, and it appends something. What
-    /// arrives after waits for the next batch.
+    /// read, and it appends something. What arrives after waits for the next batch.
     fn send_behind(&mut self, wire: &Wire, metrics: &AppendMetrics) {
         let whole = self.draft.as_ref().is_some_and(|d| {
             self.sent.is_none()
