@@ -14,6 +14,7 @@ DECLARE
   head bigint; hh bytea; t0 timestamptz; total interval := '0'; r int; o text; ref int[];
   pays text[]; metas text[]; pos bigint[]; ids uuid[]; st text[]; hs bytea[]; rs int[]; subs uuid[]; ts timestamptz[]; vs bigint[]; tys text[]; sch int[];
   nb int := current_setting('h.batches')::int;
+  n int := current_setting('h.n')::int;
 BEGIN
   FOR r IN 1..nb LOOP
     SELECT position, entry_hash INTO head, hh FROM log_head;
@@ -21,14 +22,14 @@ BEGIN
            array_agg('booking-'||run||'-'||((head+i)%64)||'-'||(head+i)), array_agg(sha256(int8send(head+i))),
            array_agg(i::int), array_agg('0193a3c0-0000-7000-8000-000000000005'::uuid), array_agg(now()),
            array_agg(1::bigint), array_agg('BookingRequested'::text), array_agg(1)
-      INTO pays, metas, pos, ids, st, hs, rs, subs, ts, vs, tys, sch FROM generate_series(1,current_setting($q$h.n$q$)::int) i;
+      INTO pays, metas, pos, ids, st, hs, rs, subs, ts, vs, tys, sch FROM generate_series(1, n) i;
     t0 := clock_timestamp();
-    SELECT outcome, refused INTO o, ref FROM append_batch(head, hh, '{}', '{}', head+current_setting($q$h.n$q$)::int, sha256(int8send(head+current_setting($q$h.n$q$)::int)), now(),
+    SELECT outcome, refused INTO o, ref FROM append_batch(head, hh, '{}', '{}', head+n, sha256(int8send(head+n)), now(),
        '{}', '{}', '{}', '{}', '{}', pos, ids, st, vs, tys, sch, pays::jsonb[], metas::jsonb[], ts, hs, hs,
        '{}', '{}', '{}', '{}', '{}', rs, subs);
     IF o <> 'appended' THEN RAISE EXCEPTION 'outcome %', o; END IF;
     COMMIT;
     total := total + (clock_timestamp()-t0);
   END LOOP;
-  RAISE NOTICE 'us_per_row %', round((extract(epoch from total)*1e6/(nb*current_setting($q$h.n$q$)::int))::numeric,2);
+  RAISE NOTICE 'us_per_row %', round((extract(epoch from total)*1e6/(nb*n))::numeric,2);
 END $$;
