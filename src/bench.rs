@@ -4,7 +4,7 @@
 //! The same event rows are written four ways:
 //! - (a) naive: one `INSERT` transaction per event into a plain table with an identity column,
 //!   at 1, 16 and 64 concurrent writers;
-//! - (b) raw bulk: `COPY` of the rows;
+//! - (b) raw bulk: `COPY` of the rows (the same stream ids as the other runs write);
 //! - (c) the append pipeline (batching writer, head lock, hash chain) at 1, 16 and 64 submitters;
 //! - (d) booking commands over HTTP end to end (auth, decide, seal, append, answer).
 
@@ -78,6 +78,11 @@ pub struct AppendBench {
     /// Concurrent HTTP clients for the end-to-end run (0 skips it).
     #[arg(long, default_value_t = 32)]
     pub http_clients: usize,
+    /// Rounds of COPY (b) and the pipeline at the highest concurrency, run alternately after
+    /// the main runs, each ratio next to the COPY measured just before it; the median is printed.
+    /// A single pair swings by a third between runs minutes apart on these shared machines.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
     /// Keep the benchmark database afterwards.
     #[arg(long)]
     pub keep: bool,
@@ -180,7 +185,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         );
         naive.push((w, f));
     }
-    let copy = copy_rows(&pool, args.copy_rows, CopyInto::Naive).await?;
+    let copy = copy_rows(&pool, args.copy_rows, max_writers, CopyInto::Naive).await?;
     println!(
         "(b) COPY {} rows:            {:>9.0} rows/s",
         args.copy_rows,
@@ -191,7 +196,7 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
     sqlx::query("CREATE TABLE bench_events_shape (LIKE events INCLUDING ALL)")
         .execute(&pool)
         .await?;
-    let copy_shaped = copy_rows(&pool, args.copy_rows, CopyInto::EventsShape).await?;
+    let copy_shaped = copy_rows(&pool, args.copy_rows, max_writers, CopyInto::EventsShape).await?;
     println!(
         "(b') COPY {} rows into an events-shaped table: {:>9.0} rows/s",
         args.copy_rows,
@@ -218,6 +223,18 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         );
         println!("    {}", writer.describe(f.elapsed));
         piped.push((w, f));
+    }
+    if args.rounds > 1 {
+        rounds(
+            &pool,
+            &url,
+            &args,
+            max_writers,
+            seconds,
+            &copy,
+            piped.last(),
+        )
+        .await?;
     }
     if args.http_clients > 0 {
         let (f, writer) = http_bookings(&url, args.http_clients, seconds).await?;
@@ -253,6 +270,60 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+/// Rounds of (b) and (c) at `writers`, alternating, after the main runs (whose pair is round 1):
+/// each ratio against the COPY measured just before it, and their median.
+async fn rounds(
+    pool: &PgPool,
+    url: &str,
+    args: &AppendBench,
+    writers: usize,
+    seconds: Duration,
+    copy: &Figure,
+    first: Option<&(usize, Figure)>,
+) -> anyhow::Result<()> {
+    let mut ratios = Vec::new();
+    let mut round = |n: u32, copy: &Figure, piped: &Figure| {
+        println!(
+            "round {n:>2}: (b) {:>7.0} rows/s, (c) at {writers} {:>7.0} events/s = {:.0}% of COPY",
+            copy.rate(),
+            piped.rate(),
+            100.0 * piped.rate() / copy.rate()
+        );
+        ratios.push(piped.rate() / copy.rate());
+    };
+    if let Some((_, f)) = first.filter(|(w, _)| *w == writers) {
+        round(1, copy, f);
+    }
+    for n in 2..=args.rounds {
+        // COPY into the empty table each round (a slightly stronger baseline than round 1's,
+        // whose table held the naive rows); the pipeline goes on appending to `events`.
+        sqlx::query("TRUNCATE bench_naive").execute(pool).await?;
+        let c = copy_rows(pool, args.copy_rows, writers, CopyInto::Naive).await?;
+        let (f, _) = pipeline(pool, url, writers, seconds).await?;
+        round(n, &c, &f);
+    }
+    ratios.sort_by(f64::total_cmp);
+    if let (Some(lo), Some(hi)) = (ratios.first(), ratios.last()) {
+        println!(
+            "(c) at {writers} over {} rounds: median {:.0}% of COPY (b), range {:.0}-{:.0}%",
+            ratios.len(),
+            100.0 * median(&ratios),
+            100.0 * lo,
+            100.0 * hi
+        );
+    }
+    Ok(())
+}
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// Runs `writers` loops for `duration`, each timing its operations.
@@ -312,7 +383,7 @@ async fn naive_inserts(
                  metadata, recorded_at) VALUES ($1, $2, 1, 'BookingRequested', $3, $4, now())",
             )
             .bind(Uuid::now_v7())
-            .bind(format!("booking-{run}-{w}-{n}"))
+            .bind(bench_stream(run, w, n))
             .bind(&*payload)
             .bind(&*metadata)
             .execute(&pool)
@@ -334,7 +405,28 @@ enum CopyInto {
 /// The size of the COPY baseline's messages (whole rows are not needed: COPY parses a stream).
 const COPY_CHUNK: usize = 1 << 20;
 
-async fn copy_rows(pool: &PgPool, rows: usize, into: CopyInto) -> anyhow::Result<Figure> {
+/// The stream of a benchmark's event: writer `w`'s `n`th append in run `run`.
+fn bench_stream(run: Uuid, w: usize, n: u64) -> String {
+    format!("booking-{run}-{w}-{n}")
+}
+
+/// The stream of COPY's row `i` when the rows stand for `writers` writers' appends, one of each
+/// writer's after the other: the same stream as that writer's append in a run.
+fn stream_of_row(run: Uuid, writers: usize, i: usize) -> String {
+    bench_stream(run, i % writers, (i / writers) as u64)
+}
+
+/// COPY of `rows` rows: the same rows as the other runs write, stream ids included. They are
+/// `booking-{run}-{w}-{n}` as `writers` concurrent writers make them, interleaved in the order
+/// they would arrive (one of each writer's, then the next): a btree on `stream_id` then takes
+/// as many insertion points as in the runs it is compared with, and keys of the same length.
+async fn copy_rows(
+    pool: &PgPool,
+    rows: usize,
+    writers: usize,
+    into: CopyInto,
+) -> anyhow::Result<Figure> {
+    let (run, writers) = (Uuid::now_v7(), writers.max(1));
     let payload = serde_json::to_string(&sample_payload())?;
     let metadata = serde_json::to_string(&sample_metadata())?;
     let escape = |s: &str| s.replace('\\', "\\\\");
@@ -345,14 +437,16 @@ async fn copy_rows(pool: &PgPool, rows: usize, into: CopyInto) -> anyhow::Result
         let id = Uuid::now_v7();
         if into == CopyInto::Naive {
             data.push_str(&format!(
-                "{id}\tbooking-copy-{i}\t1\tBookingRequested\t{payload}\t{metadata}\t{now}\n"
+                "{id}\t{}\t1\tBookingRequested\t{payload}\t{metadata}\t{now}\n",
+                stream_of_row(run, writers, i)
             ));
         } else {
             let leaf = hex::encode(rand::random::<[u8; 32]>());
             let entry = hex::encode(rand::random::<[u8; 32]>());
             data.push_str(&format!(
-                "{}\t{id}\tbooking-copy-{i}\t1\tBookingRequested\t1\t{payload}\t{metadata}\t{now}\t\\\\x{leaf}\t\\\\x{entry}\n",
-                i + 1
+                "{}\t{id}\t{}\t1\tBookingRequested\t1\t{payload}\t{metadata}\t{now}\t\\\\x{leaf}\t\\\\x{entry}\n",
+                i + 1,
+                stream_of_row(run, writers, i)
             ));
         }
     }
@@ -398,6 +492,10 @@ struct WriterTime {
     sent_ahead: u64,
     ahead_micros: u64,
     sending: u64,
+    /// CPU time of this process during the run (submitters, writer, driver), in µs.
+    host_cpu: Option<u64>,
+    /// CPU time of the writer's backend over its life (it is opened for the run), in µs.
+    backend_cpu: Option<u64>,
 }
 
 impl WriterTime {
@@ -414,6 +512,8 @@ impl WriterTime {
             sent_ahead: m.batches_sent_ahead.load(Relaxed),
             ahead_micros: m.ahead_micros.load(Relaxed),
             sending: m.sending_micros.load(Relaxed),
+            host_cpu: None,
+            backend_cpu: None,
         }
     }
 
@@ -437,8 +537,68 @@ impl WriterTime {
             per(self.batch.saturating_sub(self.database + self.planning)),
             per(self.gathering),
             per(idle),
-        )
+        ) + &self.cpu(elapsed)
     }
+
+    /// CPU per event, which holds much stiller than throughput on a shared machine: the writer's
+    /// backend (how busy it was: the pipeline's serial part) and this process.
+    fn cpu(&self, elapsed: Duration) -> String {
+        let events = self.events.max(1) as f64;
+        let mut out = String::new();
+        if let Some(b) = self.backend_cpu {
+            out += &format!(
+                "\n    cpu per event (µs): writer's backend {:.1} (busy {:.0}% of the run)",
+                b as f64 / events,
+                100.0 * b as f64 / elapsed.as_micros().max(1) as f64
+            );
+        }
+        if let Some(h) = self.host_cpu {
+            out += &format!(
+                "{}this process {:.1}",
+                if out.is_empty() {
+                    "\n    cpu per event (µs): "
+                } else {
+                    ", "
+                },
+                h as f64 / events
+            );
+        }
+        out
+    }
+}
+
+/// User and system CPU time of a process (`self` or a pid) from `/proc`, in µs; `None` where
+/// there is no `/proc` (not Linux) or the process is not there.
+fn cpu_micros(pid: &str) -> Option<u64> {
+    cpu_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime of a `/proc/<pid>/stat` line, in µs.
+fn cpu_of_stat(stat: &str) -> Option<u64> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name and state.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on every Linux ABI the product runs on.
+    Some(ticks * 10_000)
+}
+
+/// The writer's backend CPU time, when the database runs on this machine: its pid from
+/// `pg_stat_activity`, its times from `/proc` (checked to be a Postgres process).
+async fn writer_backend_cpu(pool: &PgPool) -> Option<u64> {
+    let pid: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = 'ledger append writer' ORDER BY backend_start DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await
+    .ok()??;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if !cmdline.starts_with(b"postgres") {
+        return None;
+    }
+    cpu_micros(&pid.to_string())
 }
 
 async fn pipeline(
@@ -448,6 +608,7 @@ async fn pipeline(
     duration: Duration,
 ) -> anyhow::Result<(Figure, WriterTime)> {
     let (appender, writer) = Appender::spawn(pool.clone(), url)?;
+    let host_before = cpu_micros("self");
     let payload = Arc::new(sample_payload());
     let run = Uuid::now_v7();
     let submit = appender.clone();
@@ -456,7 +617,7 @@ async fn pipeline(
         async move {
             let request = AppendRequest {
                 streams: vec![StreamAppend {
-                    stream_id: format!("booking-{run}-{w}-{n}"),
+                    stream_id: bench_stream(run, w, n),
                     expected: ExpectedVersion::NoStream,
                     events: vec![NewEvent {
                         event_id: Uuid::now_v7(),
@@ -474,7 +635,11 @@ async fn pipeline(
         }
     })
     .await;
-    let time = WriterTime::of(appender.metrics());
+    let mut time = WriterTime::of(appender.metrics());
+    time.host_cpu = host_before
+        .zip(cpu_micros("self"))
+        .map(|(a, b)| b.saturating_sub(a));
+    time.backend_cpu = writer_backend_cpu(pool).await;
     drop(appender);
     let _ = writer.await;
     Ok((figure?, time))
@@ -537,6 +702,7 @@ async fn http_bookings(
     let app = Application::with_parts(pool, None, &settings).await?;
     let base = format!("http://{}", app.local_addr()?);
     let appender = app.state().appender.clone();
+    let state_pool = app.state().pool.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(app.run(shutdown.clone()));
     let (token, client, venue_id) = bench_venue(&base, &jwt_secret).await?;
@@ -555,6 +721,7 @@ async fn http_bookings(
         resources.push(r["id"].as_str().unwrap_or_default().to_owned());
     }
     let resources = Arc::new(resources);
+    let host_before = cpu_micros("self");
     let start = Utc::now();
     let figure = drive(clients, duration, move |w, n| {
         let (client, base, token, venue_id, resources) =
@@ -580,7 +747,12 @@ async fn http_bookings(
         }
     })
     .await;
-    let time = WriterTime::of(appender.metrics());
+    let mut time = WriterTime::of(appender.metrics());
+    time.host_cpu = host_before
+        .zip(cpu_micros("self"))
+        .map(|(a, b)| b.saturating_sub(a));
+    time.backend_cpu = writer_backend_cpu(&state_pool).await;
+    drop(state_pool);
     drop(appender);
     shutdown.cancel();
     let _ = server.await;
@@ -897,4 +1069,51 @@ async fn read_side(args: ReadSideBench) -> anyhow::Result<()> {
         .execute(&mut admin)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
+        // pid (comm) state, then fields 4..; utime is field 14 and stime 15 (stat(5)).
+        let stat = "4242 (postgres: a) b) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 1 0 99 0 0";
+        assert_eq!(cpu_of_stat(stat), Some(280 * 10_000));
+        assert_eq!(cpu_of_stat("4242 (cut short) S 1 2"), None);
+        assert_eq!(cpu_of_stat("no parentheses at all"), None);
+    }
+
+    #[test]
+    fn this_process_cpu_time_grows_with_work() {
+        let Some(before) = cpu_micros("self") else {
+            return; // no /proc here
+        };
+        let started = Instant::now();
+        let mut x = 0u64;
+        while started.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = cpu_micros("self").unwrap_or(0);
+        assert!(after >= before + 20_000, "{before} -> {after}");
+    }
+
+    #[test]
+    fn copy_writes_the_streams_the_writers_write_in_the_order_they_arrive() {
+        let run = Uuid::now_v7();
+        let rows: Vec<String> = (0..6).map(|i| stream_of_row(run, 3, i)).collect();
+        let expected: Vec<String> = [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+            .iter()
+            .map(|&(w, n)| bench_stream(run, w, n))
+            .collect();
+        assert_eq!(rows, expected);
+        assert_eq!(stream_of_row(run, 1, 4), bench_stream(run, 0, 4));
+    }
+
+    #[test]
+    fn the_median_of_rounds() {
+        assert_eq!(median(&[0.3, 0.4, 0.5]), 0.4);
+        assert!((median(&[0.25, 0.5]) - 0.375).abs() < 1e-12);
+        assert!(median(&[]).is_nan());
+    }
 }
