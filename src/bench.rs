@@ -540,8 +540,9 @@ impl WriterTime {
         ) + &self.cpu(elapsed)
     }
 
-    /// CPU per event, which holds much stiller than throughput on a shared machine: the writer's
-    /// backend (how busy it was: the pipeline's serial part) and this process.
+    /// CPU per event: the writer's backend (and how busy it was: the pipeline's serial part) and
+    /// this process. It shows which side a change moved; on a VM it counts stolen time too, so it
+    /// moves with the machine's load as throughput does.
     fn cpu(&self, elapsed: Duration) -> String {
         let events = self.events.max(1) as f64;
         let mut out = String::new();
