@@ -499,6 +499,18 @@ struct WriterTime {
 }
 
 impl WriterTime {
+    /// The writer's counters at the end of a run, and the CPU time of this process since
+    /// `host_before` and of the writer's backend (looked up through `pool`).
+    async fn measured(m: &AppendMetrics, host_before: Option<u64>, pool: &PgPool) -> Self {
+        WriterTime {
+            host_cpu: host_before
+                .zip(cpu_micros("self"))
+                .map(|(a, b)| b.saturating_sub(a)),
+            backend_cpu: writer_backend_cpu(pool).await,
+            ..WriterTime::of(m)
+        }
+    }
+
     fn of(m: &AppendMetrics) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         WriterTime {
@@ -590,8 +602,9 @@ fn cpu_of_stat(stat: &str) -> Option<u64> {
 async fn writer_backend_cpu(pool: &PgPool) -> Option<u64> {
     let pid: i32 = sqlx::query_scalar(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'ledger append writer' ORDER BY backend_start DESC LIMIT 1",
+         AND application_name = $1 ORDER BY backend_start DESC LIMIT 1",
     )
+    .bind(crate::store::WRITER_APPLICATION_NAME)
     .fetch_optional(pool)
     .await
     .ok()??;
@@ -636,11 +649,7 @@ async fn pipeline(
         }
     })
     .await;
-    let mut time = WriterTime::of(appender.metrics());
-    time.host_cpu = host_before
-        .zip(cpu_micros("self"))
-        .map(|(a, b)| b.saturating_sub(a));
-    time.backend_cpu = writer_backend_cpu(pool).await;
+    let time = WriterTime::measured(appender.metrics(), host_before, pool).await;
     drop(appender);
     let _ = writer.await;
     Ok((figure?, time))
@@ -748,11 +757,7 @@ async fn http_bookings(
         }
     })
     .await;
-    let mut time = WriterTime::of(appender.metrics());
-    time.host_cpu = host_before
-        .zip(cpu_micros("self"))
-        .map(|(a, b)| b.saturating_sub(a));
-    time.backend_cpu = writer_backend_cpu(&state_pool).await;
+    let time = WriterTime::measured(appender.metrics(), host_before, &state_pool).await;
     drop(state_pool);
     drop(appender);
     shutdown.cancel();

@@ -6,6 +6,8 @@ pub mod purge;
 pub mod vault;
 mod wire;
 
+pub use wire::APPLICATION_NAME as WRITER_APPLICATION_NAME;
+
 pub use wire::WireConfig;
 
 use ledger_events::envelope::DomainEvent;

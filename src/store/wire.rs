@@ -20,13 +20,17 @@ impl WireConfig {
         let mut config: Config = database_url
             .parse()
             .map_err(|e: tokio_postgres::Error| format!("the append writer's database URL: {e}"))?;
-        config.application_name("ledger append writer");
+        config.application_name(APPLICATION_NAME);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_WAIT);
         }
         Ok(WireConfig(Arc::new(config)))
     }
 }
+
+/// The writer connection's `application_name`, by which `pg_stat_activity` shows it (the
+/// benchmark finds the writer's backend by it).
+pub const APPLICATION_NAME: &str = "ledger append writer";
 
 /// How long the writer waits to connect, like the pool waits for a connection by default.
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
